@@ -1,0 +1,206 @@
+"""Command line: parse arguments, load a recipe, call the engine, print the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from nanmerge._types import Coefficients, MergeError
+from nanmerge.config import Recipe, load_recipe
+from nanmerge.engine import estimate_coefficients, merge
+
+# Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
+_COMPOUND = {"models", "parameters", "coefficients"}
+
+
+def _fail(exc: MergeError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """Parse KEY=VALUE flags; values are YAML scalars so `density=0.2` gives a float."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MergeError(f"{flag} expects KEY=VALUE, got '{pair}'")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _field_option(name: str) -> click.Option:
+    """A click option generated from one Recipe field, so CLI and YAML cannot drift."""
+    info = Recipe.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = args[0]
+    help_text = info.description or ""
+    if kind is bool:
+        return click.Option([flag], is_flag=True, default=None, help=help_text)
+    if typing.get_origin(kind) is typing.Literal:
+        return click.Option([flag], type=click.Choice(typing.get_args(kind)), help=help_text)
+    click_type: Any = {int: int, Path: click.Path(path_type=Path)}.get(kind, str)
+    return click.Option([flag], type=click_type, default=None, help=help_text)
+
+
+def _recipe_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in flags.items() if k in Recipe.model_fields and v is not None}
+    data["models"] = list(flags["model"])
+    if flags["coefficient"]:
+        if len(flags["coefficient"]) != len(flags["model"]):
+            raise MergeError(
+                f"--coefficient given {len(flags['coefficient'])} times for "
+                f"{len(flags['model'])} --model flags; give one per model, in order"
+            )
+        data["models"] = [
+            {"path": m, "coefficient": c}
+            for m, c in zip(flags["model"], flags["coefficient"], strict=True)
+        ]
+    data["parameters"] = _key_values(flags["param"], "--param")
+    data["coefficients"] = {
+        "estimator": flags["coefficients"],
+        **_key_values(flags["coefficients_option"], "--coefficients-option"),
+    }
+    return data
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    click.echo(_coefficient_table(Coefficients.from_json(report["coefficients"])))
+    mem = report["memory"]
+    click.echo(
+        f"merged {report['tensors']['merged']} tensors "
+        f"({report['tensors']['copied_from_reference']} copied) with "
+        f"{report['method']['name']} in {sum(report['timings_s'].values()):.1f} s; "
+        f"memory bound {mem['bound_bytes'] / 2**20:.1f} MiB; output {report['output']['path']}"
+    )
+
+
+def _coefficient_table(coefs: Coefficients) -> str:
+    lines = [f"coefficients: {coefs.estimator} {json.dumps(coefs.params)}"]
+    header = f"  {'model':<40} {'||theta||':>12} {'||tau||':>12} {'coefficient':>12}"
+    lines.append(header)
+    theta = coefs.norms.get("finetuned", ())
+    tau = coefs.norms.get("task_vector", ())
+    for i, model in enumerate(coefs.models):
+        c = "layer-wise" if coefs.per_model is None else f"{coefs.per_model[i]:.6f}"
+        t = f"{theta[i]:.4f}" if i < len(theta) else "-"
+        v = f"{tau[i]:.4f}" if i < len(tau) else "-"
+        lines.append(f"  {model[-40:]:<40} {t:>12} {v:>12} {c:>12}")
+    if coefs.per_tensor:
+        lines.append(f"  ({len(coefs.per_tensor)} per-tensor coefficient vectors in the report)")
+    lines += [f"warning: {w}" for w in coefs.warnings]
+    return "\n".join(lines)
+
+
+@click.group()
+@click.version_option(package_name="nanmerge")
+def main() -> None:
+    """nanmerge: merge fine-tuned models with norm-aware (NAN) coefficients."""
+
+
+def _run_merge(recipe: Recipe, quiet: bool) -> None:
+    try:
+        result = merge(recipe, progress=not quiet)
+    except MergeError as exc:
+        _fail(exc)
+        return
+    if recipe.output is None:
+        click.echo("error: the recipe has no `output`; set one or pass --output", err=True)
+        sys.exit(2)
+    if not quiet:
+        _print_summary(result)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="override the recipe's output")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--quiet", is_flag=True, help="no progress bars or summary")
+def run(recipe: Path, output: Path | None, overwrite: bool, quiet: bool) -> None:
+    """Merge as RECIPE (a YAML file) says."""
+    try:
+        r = load_recipe(recipe)
+        updates = {"overwrite": True} if overwrite else {}
+        if output is not None:
+            updates["output"] = output  # type: ignore[assignment]
+        r = load_recipe({**r.model_dump(), **updates})
+    except MergeError as exc:
+        _fail(exc)
+        return
+    _run_merge(r, quiet)
+
+
+def _merge_command() -> click.Command:
+    params: list[click.Parameter] = [
+        _field_option(name) for name in Recipe.model_fields if name not in _COMPOUND
+    ]
+    params += [
+        click.Option(["--model"], multiple=True, required=True, help="a fine-tuned model (repeat)"),
+        click.Option(["--coefficient"], type=float, multiple=True,
+                     help="per-model weight for --coefficients manual (repeat, in order)"),
+        click.Option(["--param"], multiple=True, help="method parameter KEY=VALUE (repeat)"),
+        click.Option(["--coefficients"], default="uniform", show_default=True,
+                     help="estimator: uniform | manual | nan | from_file"),
+        click.Option(["--coefficients-option"], multiple=True,
+                     help="estimator option KEY=VALUE, e.g. norm_of=task_vector (repeat)"),
+        click.Option(["--quiet"], is_flag=True, help="no progress bars or summary"),
+    ]
+
+    def callback(**flags: Any) -> None:
+        try:
+            r = load_recipe(_recipe_from_flags(flags))
+        except MergeError as exc:
+            _fail(exc)
+            return
+        _run_merge(r, flags["quiet"])
+
+    return click.Command("merge", params=params, callback=callback,
+                         help="Merge with the recipe given as flags (same fields as YAML).")
+
+
+main.add_command(_merge_command())
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON (reusable with from_file)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def coefficients(recipe: Path, as_json: bool, quiet: bool) -> None:
+    """Estimate and print RECIPE's coefficients and per-model norms, without merging."""
+    try:
+        coefs = estimate_coefficients(recipe, progress=not quiet and not as_json)
+    except MergeError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(coefs.to_json(), indent=2) if as_json else _coefficient_table(coefs))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def methods(as_json: bool) -> None:
+    """List the merge methods, their parameters with defaults, and references."""
+    from nanmerge.methods import METHODS
+
+    rows = {
+        name: {
+            "parameters": spec.params,
+            "needs_base": spec.needs_base,
+            "models": [spec.min_models, spec.max_models],
+            "reference": spec.reference,
+        }
+        for name, spec in METHODS.items()
+    }
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for name, row in rows.items():
+        params = ", ".join(f"{k}={v}" for k, v in row["parameters"].items()) or "-"
+        click.echo(f"{name:<16} {params:<44} {row['reference']}")

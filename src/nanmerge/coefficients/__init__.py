@@ -1,0 +1,28 @@
+"""Coefficient estimators: one pluggable family behind the one coefficient slot."""
+
+from nanmerge.coefficients._estimators import (
+    ESTIMATORS,
+    EstimatorSpec,
+    from_file,
+    get_estimator,
+    inverse_norm_weights,
+    manual,
+    nan,
+    near_uniform_warning,
+    uniform,
+)
+from nanmerge.coefficients._stats import model_norms, tensor_stats
+
+__all__ = [
+    "ESTIMATORS",
+    "EstimatorSpec",
+    "from_file",
+    "get_estimator",
+    "inverse_norm_weights",
+    "manual",
+    "model_norms",
+    "nan",
+    "near_uniform_warning",
+    "tensor_stats",
+    "uniform",
+]

@@ -1,0 +1,223 @@
+"""Coefficient estimators: pure functions from per-tensor statistics to `Coefficients`.
+
+Every estimator has the signature `fn(stats, models, **params) -> Coefficients`, where
+`stats` maps tensor names to `TensorStats` (possibly empty when the estimator needs none)
+and `models` names the M models. Registering an estimator also records which statistics it
+needs, so the engine knows whether a norm pass must precede the merge.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from nanmerge._types import Coefficients, MergeError, TensorStats
+
+Needs = Literal["none", "model", "tensor"]
+Estimator = Callable[..., Coefficients]
+
+NEAR_UNIFORM = 0.02
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """A registered estimator and a rule saying which statistics it needs for given params."""
+
+    name: str
+    fn: Estimator
+    needs: Callable[[Mapping[str, Any]], Needs]
+    reference: str
+
+
+_REGISTRY: dict[str, EstimatorSpec] = {}
+ESTIMATORS: Mapping[str, EstimatorSpec] = MappingProxyType(_REGISTRY)
+
+
+def _register(
+    needs: Callable[[Mapping[str, Any]], Needs], reference: str
+) -> Callable[[Estimator], Estimator]:
+    def wrap(fn: Estimator) -> Estimator:
+        _REGISTRY[fn.__name__] = EstimatorSpec(fn.__name__, fn, needs, reference)
+        return fn
+
+    return wrap
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    """Look an estimator up by name; an unknown name lists the valid ones and the closest."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise MergeError(
+        f"unknown coefficient estimator '{name}'; valid estimators: "
+        f"{', '.join(sorted(_REGISTRY))}.{hint}"
+    )
+
+
+def near_uniform_warning(coefficients: Coefficients) -> str | None:
+    """A warning when every coefficient is within ±2% of uniform (NAN then changes nothing)."""
+    vectors = list(coefficients.per_tensor.values())
+    if coefficients.per_model is not None:
+        vectors.append(coefficients.per_model)
+    if not vectors:
+        return None
+    for values in vectors:
+        mean = sum(values) / len(values)
+        if mean <= 0 or any(abs(v / mean - 1.0) > NEAR_UNIFORM for v in values):
+            return None
+    return (
+        f"every coefficient is within ±{NEAR_UNIFORM:.0%} of uniform: "
+        f"'{coefficients.estimator}' changes almost nothing over uniform coefficients here"
+    )
+
+
+@_register(lambda params: "none", "uniform weights: 1.0 for every model")
+def uniform(stats: Mapping[str, TensorStats], models: Sequence[str]) -> Coefficients:
+    """1.0 per model: every method then behaves exactly as published."""
+    return Coefficients(tuple(models), "uniform", per_model=(1.0,) * len(models))
+
+
+@_register(lambda params: "none", "one user-given weight per model")
+def manual(
+    stats: Mapping[str, TensorStats], models: Sequence[str], *, values: Sequence[float]
+) -> Coefficients:
+    """User-given weights, one per model (the recipe's per-model `coefficient`)."""
+    if len(values) != len(models):
+        raise MergeError(
+            f"manual coefficients: got {len(values)} values for {len(models)} models; "
+            "give every model a `coefficient`"
+        )
+    bad = [f"{m}: {v}" for m, v in zip(models, values, strict=True) if not math.isfinite(v)]
+    if bad:
+        raise MergeError(f"manual coefficients must be finite numbers; got {', '.join(bad)}")
+    return Coefficients(
+        tuple(models), "manual", {"values": list(values)}, per_model=tuple(float(v) for v in values)
+    )
+
+
+@_register(lambda params: "none", "coefficients JSON written by `nanmerge coefficients --json`")
+def from_file(
+    stats: Mapping[str, TensorStats], models: Sequence[str], *, path: str
+) -> Coefficients:
+    """Coefficients saved by an earlier run or another estimator (e.g. a learned one)."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+        # a merge_report.json nests the coefficients object; a `coefficients --json` file is one
+        if isinstance(data.get("coefficients"), dict):
+            data = data["coefficients"]
+        loaded = Coefficients.from_json(data)
+    except FileNotFoundError:
+        raise MergeError(f"coefficients file not found: {file}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MergeError(
+            f"coefficients file {file} is not a nanmerge coefficients JSON ({exc}); "
+            "write one with `nanmerge coefficients RECIPE --json`"
+        ) from None
+    if len(loaded.models) != len(models):
+        raise MergeError(
+            f"coefficients file {file} has {len(loaded.models)} models but the recipe has "
+            f"{len(models)}; the file must list one coefficient per recipe model, in order"
+        )
+    loaded.params = {"path": str(file), "source_estimator": loaded.estimator, **loaded.params}
+    loaded.estimator = "from_file"
+    loaded.models = tuple(models)
+    return loaded
+
+
+NormOf = Literal["finetuned", "task_vector"]
+Granularity = Literal["model", "tensor"]
+Convention = Literal["mean_one", "sum_one", "half_m"]
+
+_CONVENTION_SCALE: dict[str, Callable[[int], float]] = {
+    "mean_one": lambda m: float(m),
+    "sum_one": lambda m: 1.0,
+    "half_m": lambda m: m / 2.0,
+}
+
+
+def inverse_norm_weights(
+    norms: Sequence[float], *, convention: Convention, eps: float
+) -> tuple[tuple[float, ...], list[int]]:
+    """NAN's normalized inverse norms, scaled by the convention; also the zero-norm models.
+
+    A norm at or below `eps` times the largest norm counts as zero: that model carries no
+    update (its task vector vanishes), so it gets coefficient 0 instead of an infinite weight
+    that would silence every other model. If every norm is zero, weights fall back to uniform.
+    """
+    m = len(norms)
+    scale = _CONVENTION_SCALE[convention](m)
+    largest = max(norms, default=0.0)
+    zero = [i for i, n in enumerate(norms) if n <= eps * largest or n == 0.0]
+    if len(zero) == m:
+        return tuple(scale / m for _ in norms), zero
+    inverse = [0.0 if i in zero else 1.0 / n for i, n in enumerate(norms)]
+    total = sum(inverse)
+    return tuple(scale * v / total for v in inverse), zero
+
+
+@_register(
+    lambda params: "tensor" if params.get("granularity") == "tensor" else "model",
+    "NAN, Si et al. 2025, https://arxiv.org/abs/2505.16148",
+)
+def nan(
+    stats: Mapping[str, TensorStats],
+    models: Sequence[str],
+    *,
+    norm_of: NormOf = "finetuned",
+    granularity: Granularity = "model",
+    convention: Convention = "mean_one",
+    eps: float = 1e-8,
+) -> Coefficients:
+    """Norm-aware coefficients: a_i = (1/||x_i||) / sum_j (1/||x_j||), x = theta or tau.
+
+    Defaults follow the paper's wording (norm of the fine-tuned weights, one norm per model)
+    and `mean_one` scaling (M * a_i), so equal norms reproduce the base method exactly.
+    """
+    params: dict[str, Any] = {
+        "norm_of": norm_of,
+        "granularity": granularity,
+        "convention": convention,
+        "eps": eps,
+    }
+    key = "sumsq_finetuned" if norm_of == "finetuned" else "sumsq_task_vector"
+    if any(getattr(st, key) is None for st in stats.values()):
+        raise MergeError("nan with norm_of: task_vector needs a `base` model in the recipe")
+    result = Coefficients(tuple(models), "nan", params)
+    if granularity == "model":
+        totals = [0.0] * len(models)
+        for st in stats.values():
+            totals = [a + b for a, b in zip(totals, getattr(st, key), strict=True)]
+        weights, zero = inverse_norm_weights(
+            [t**0.5 for t in totals], convention=convention, eps=eps
+        )
+        result.per_model = weights
+        result.warnings += [
+            f"model {models[i]}: {norm_of} norm is zero; it gets coefficient 0" for i in zero
+        ]
+        warning = near_uniform_warning(result)
+        if warning:
+            result.warnings.append(warning)
+        return result
+    zero_tensors = []
+    for name, st in stats.items():
+        norms = [v**0.5 for v in getattr(st, key)]
+        result.per_tensor[name], zero = inverse_norm_weights(
+            norms, convention=convention, eps=eps
+        )
+        if zero:
+            zero_tensors.append(f"{name} (models {', '.join(models[i] for i in zero)})")
+    if zero_tensors:
+        shown = "; ".join(zero_tensors[:5])
+        more = f" and {len(zero_tensors) - 5} more" if len(zero_tensors) > 5 else ""
+        result.warnings.append(
+            f"zero {norm_of} norm, coefficient 0 for those models, in tensors: {shown}{more}"
+        )
+    return result

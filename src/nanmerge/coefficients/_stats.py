@@ -1,0 +1,47 @@
+"""Per-tensor statistics that every estimator reads: float64 sums of squares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from nanmerge._types import TensorStats
+
+
+def _sumsq(x: torch.Tensor) -> float:
+    return float(torch.sum(torch.square(x), dtype=torch.float64))
+
+
+def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> TensorStats:
+    """Sums of squares of theta_i and, with a base, of tau_i = theta_i - theta_0.
+
+    `tensors` is the (M, *shape) stack of one tensor across the fine-tuned models. Squares are
+    accumulated in float64 so that norms summed over billions of entries stay exact enough
+    to rank models whose norms differ by well under a percent.
+    """
+    finetuned = tuple(_sumsq(t) for t in tensors)
+    task_vector = None if base is None else tuple(_sumsq(t - base) for t in tensors)
+    return TensorStats(tensors[0].numel(), finetuned, task_vector)
+
+
+def model_norms(stats: Iterable[TensorStats]) -> dict[str, tuple[float, ...]]:
+    """Per-model L2 norms over all the given tensors, of theta_i and (with a base) of tau_i."""
+    finetuned: list[float] | None = None
+    task_vector: list[float] | None = None
+    has_task_vector = True
+    for st in stats:
+        if finetuned is None:
+            finetuned = [0.0] * len(st.sumsq_finetuned)
+            task_vector = [0.0] * len(st.sumsq_finetuned)
+        finetuned = [a + b for a, b in zip(finetuned, st.sumsq_finetuned, strict=True)]
+        if st.sumsq_task_vector is None:
+            has_task_vector = False
+        elif task_vector is not None:
+            task_vector = [a + b for a, b in zip(task_vector, st.sumsq_task_vector, strict=True)]
+    if finetuned is None:
+        return {}
+    norms = {"finetuned": tuple(v**0.5 for v in finetuned)}
+    if has_task_vector and task_vector is not None:
+        norms["task_vector"] = tuple(v**0.5 for v in task_vector)
+    return norms

@@ -1,0 +1,266 @@
+"""Plan: open every input and check the whole recipe before any tensor is loaded or written."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, ValidationError, create_model
+
+from nanmerge._types import Checkpoint, MergeError, TensorMeta
+from nanmerge.coefficients import EstimatorSpec, get_estimator
+from nanmerge.config import Recipe
+from nanmerge.io import open_checkpoint
+from nanmerge.methods import MethodSpec, check_params, get_method
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_LISTED = 8
+
+
+@dataclass
+class Plan:
+    """Everything the stream needs, checked: open inputs, output layout, bound parameters."""
+
+    recipe: Recipe
+    method: MethodSpec
+    params: dict[str, Any]
+    estimator: EstimatorSpec
+    estimator_options: dict[str, Any]
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    model_names: tuple[str, ...]
+    entries: list[tuple[str, TensorMeta]]
+    merged: set[str]
+    fill_from_base: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Checkpoint:
+        """The input whose layout the output follows: the base, else the first model."""
+        return self.base if self.base is not None else self.models[0]
+
+    def close(self) -> None:
+        for ckpt in [self.base, *self.models]:
+            if ckpt is not None:
+                ckpt.close()
+
+
+def _fail(problems: list[str]) -> None:
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise MergeError(f"the recipe cannot be merged ({len(problems)} problem(s)):\n{listed}")
+
+
+def _bind_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str) -> list[str]:
+    """Check options against the keyword-only parameters of `fn`: names and types, all at once."""
+    hints = inspect.get_annotations(fn, eval_str=True)
+    fields: dict[str, Any] = {
+        name: (hints.get(name, Any), p.default if p.default is not p.empty else ...)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    problems = []
+    for key in options:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            valid = ", ".join(fields) or "none"
+            problems.append(f"{what}: unknown option '{key}'{hint}; valid options: {valid}")
+    known = {k: v for k, v in options.items() if k in fields}
+    model = create_model(  # type: ignore[call-overload]
+        f"{what}_options", __config__=ConfigDict(strict=False), **fields
+    )
+    try:
+        model.model_validate(known)
+    except ValidationError as exc:
+        for err in exc.errors():
+            if err["type"] == "missing" and err["loc"][0] not in known:
+                continue
+            problems.append(f"{what}: option '{err['loc'][0]}': {err['msg']}")
+    return problems
+
+
+def _resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, Any]]:
+    try:
+        spec = get_estimator(recipe.coefficients.estimator)
+    except MergeError as exc:
+        problems.append(str(exc))
+        return None, {}
+    options = recipe.coefficients.options
+    if spec.name == "manual":
+        missing = [str(i) for i, m in enumerate(recipe.models) if m.coefficient is None]
+        if missing:
+            problems.append(
+                f"coefficients: manual needs a `coefficient` on every model; models "
+                f"{', '.join(missing)} have none"
+            )
+        options = {"values": [m.coefficient for m in recipe.models], **options}
+    elif any(m.coefficient is not None for m in recipe.models):
+        problems.append(
+            f"models carry a `coefficient` but coefficients is '{spec.name}'; "
+            "set `coefficients: manual` to use them, or remove them"
+        )
+    fn_options = {k: v for k, v in options.items() if k != "values" or spec.name != "manual"}
+    problems += _bind_options(spec.fn, fn_options, f"estimator '{spec.name}'")
+    if spec.name == "nan" and options.get("norm_of") == "task_vector" and recipe.base is None:
+        problems.append("coefficients: nan with norm_of: task_vector needs a `base` model")
+    return spec, options
+
+
+def _resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, Any]]:
+    try:
+        spec = get_method(recipe.method)
+    except MergeError as exc:
+        problems.append(str(exc))
+        return None, {}
+    problems += check_params(spec, recipe.parameters)
+    m = len(recipe.models)
+    if m < spec.min_models or (spec.max_models is not None and m > spec.max_models):
+        wanted = (
+            f"exactly {spec.min_models}"
+            if spec.max_models == spec.min_models
+            else f"at least {spec.min_models}"
+            + ("" if spec.max_models is None else f" and at most {spec.max_models}")
+        )
+        problems.append(f"method '{spec.name}' needs {wanted} models; the recipe has {m}")
+    if spec.needs_base and recipe.base is None:
+        problems.append(
+            f"method '{spec.name}' adds task vectors (model - base) and needs `base`: "
+            "the pretrained model the others were fine-tuned from"
+        )
+    return spec, {**spec.params, **recipe.parameters}
+
+
+def _check_output(recipe: Recipe, problems: list[str]) -> None:
+    out = recipe.output
+    if out is None or recipe.overwrite or not out.exists():
+        return
+    if out.is_file() or any(out.iterdir()):
+        problems.append(
+            f"output {out} already exists and is not empty; pass --overwrite "
+            "(overwrite: true) to replace it, or choose another output"
+        )
+
+
+def _open_inputs(
+    recipe: Recipe, problems: list[str]
+) -> tuple[Checkpoint | None, list[Checkpoint | None]]:
+    def attempt(source: Any) -> Checkpoint | None:
+        try:
+            return open_checkpoint(source)
+        except MergeError as exc:
+            problems.append(str(exc))
+            return None
+
+    base = None if recipe.base is None else attempt(recipe.base)
+    return base, [attempt(m.path) for m in recipe.models]
+
+
+def _display_names(models: list[Checkpoint]) -> tuple[str, ...]:
+    names = [m.source for m in models]
+    return tuple(n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names))
+
+
+def _layout(
+    recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint], problems: list[str]
+) -> tuple[list[tuple[str, TensorMeta]], set[str], dict[str, list[int]]]:
+    """Align names across inputs and check shapes and dtypes; decide each output tensor."""
+    inputs = ([base] if base is not None else []) + models
+    reference = inputs[0]
+    order = list(reference.keys())
+    seen = set(order)
+    for ckpt in inputs[1:]:
+        order += [n for n in ckpt.keys() if n not in seen and not seen.add(n)]  # type: ignore[func-returns-value]
+    entries: list[tuple[str, TensorMeta]] = []
+    merged: set[str] = set()
+    fill: dict[str, list[int]] = {}
+    absent: list[str] = []
+    mismatched: list[str] = []
+    for name in order:
+        lacking = [c.source for c in inputs if name not in c]
+        if lacking:
+            in_base = base is not None and name in base
+            if recipe.missing_tensors == "skip":
+                continue
+            if recipe.missing_tensors == "base" and in_base:
+                fill[name] = [i for i, m in enumerate(models) if name not in m]
+            else:
+                absent.append(f"'{name}' is missing from {', '.join(lacking)}")
+                continue
+        present = [c for c in inputs if name in c]
+        metas = [c.meta(name) for c in present]
+        ref_meta = metas[0]
+        shapes = {m.shape for m in metas}
+        floating = {m.dtype.is_floating_point for m in metas}
+        if len(shapes) > 1 or len(floating) > 1:
+            detail = ", ".join(
+                f"{c.source}: {tuple(m.shape)} {str(m.dtype).removeprefix('torch.')}"
+                for c, m in zip(present, metas, strict=True)
+            )
+            mismatched.append(f"tensor '{name}' differs across inputs ({detail})")
+            continue
+        out_dtype = ref_meta.dtype
+        if ref_meta.dtype.is_floating_point:
+            merged.add(name)
+            if recipe.dtype is not None:
+                out_dtype = _DTYPES[recipe.dtype]
+        entries.append((name, TensorMeta(ref_meta.shape, out_dtype)))
+    if absent:
+        problems.append(
+            f"{len(absent)} tensor(s) are not in every input: "
+            + "; ".join(absent[:_MAX_LISTED])
+            + ("; ..." if len(absent) > _MAX_LISTED else "")
+            + ". All models must share the base's tensors; set `missing_tensors: base` "
+            "(use the base's value where a model lacks it) or `missing_tensors: skip`"
+        )
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} tensor(s) have mismatched shapes or kinds: "
+            + "; ".join(mismatched[:_MAX_LISTED])
+            + ("; ..." if len(mismatched) > _MAX_LISTED else "")
+            + ". All models must be fine-tuned from the same architecture"
+        )
+    if not merged and not problems:
+        problems.append("the inputs hold no floating-point tensors to merge")
+    return entries, merged, fill
+
+
+def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
+    """Check the recipe and every input; raise one MergeError that lists every problem."""
+    problems: list[str] = []
+    method, params = _resolve_method(recipe, problems)
+    estimator, options = _resolve_estimator(recipe, problems)
+    if for_output:
+        _check_output(recipe, problems)
+    if recipe.copy_files_from is not None and not Path(recipe.copy_files_from).is_dir():
+        problems.append(f"copy_files_from: {recipe.copy_files_from} is not a folder")
+    base, maybe_models = _open_inputs(recipe, problems)
+    models = [m for m in maybe_models if m is not None]
+    if len(models) != len(maybe_models) or (recipe.base is not None and base is None):
+        for ckpt in [base, *models]:
+            if ckpt is not None:
+                ckpt.close()
+        _fail(problems)
+    entries, merged, fill = _layout(recipe, base, models, problems)
+    if problems:
+        for ckpt in [base, *models]:
+            if ckpt is not None:
+                ckpt.close()
+        _fail(problems)
+    return Plan(
+        recipe=recipe,
+        method=method,
+        params=params,
+        estimator=estimator,
+        estimator_options=options,
+        base=base,
+        models=models,
+        model_names=_display_names(models),
+        entries=entries,
+        merged=merged,
+        fill_from_base=fill,
+    )

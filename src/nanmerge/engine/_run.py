@@ -1,0 +1,210 @@
+"""The two entry points: estimate coefficients, and merge (to a folder or to a state dict)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nanmerge import __version__
+from nanmerge._types import Coefficients, TensorStats
+from nanmerge.coefficients import model_norms, near_uniform_warning
+from nanmerge.config import Recipe, load_recipe
+from nanmerge.engine._plan import Plan, plan
+from nanmerge.engine._stream import merge_stream, norm_pass
+from nanmerge.io import NON_WEIGHT_FILES, ModelWriter, parse_size
+
+RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
+_MAX_WARNINGS = 12
+
+
+def _finish(coefficients: Coefficients, stats: Mapping[str, TensorStats]) -> Coefficients:
+    """Attach the per-model norms every report shows and condense repeated warnings."""
+    coefficients.norms = model_norms(stats.values())
+    if coefficients.per_tensor and coefficients.estimator == "nan":
+        warning = near_uniform_warning(coefficients)
+        if warning:
+            coefficients.warnings.append(warning)
+    unique = list(dict.fromkeys(coefficients.warnings))
+    if len(unique) > _MAX_WARNINGS:
+        unique = unique[:_MAX_WARNINGS] + [f"... and {len(unique) - _MAX_WARNINGS} more warnings"]
+    coefficients.warnings = unique
+    return coefficients
+
+
+def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, dict[str, Any]]:
+    """Coefficients known before the merge: a norm pass first when the estimator needs one."""
+    needs = p.estimator.needs(p.estimator_options)
+    stats: dict[str, TensorStats] = {}
+    if needs == "model":
+        stats = norm_pass(p, progress=progress)
+    if needs == "tensor":
+        coefficients = Coefficients(p.model_names, p.estimator.name)
+        probe = p.estimator.fn({}, p.model_names, **p.estimator_options)
+        coefficients.params = probe.params
+    else:
+        coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
+    return coefficients, {"norm_pass": needs == "model"}
+
+
+def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coefficients:
+    """Read every input once and return the recipe's coefficients with per-model norms.
+
+    Layer-wise estimators return one entry per floating tensor; nothing is merged or written.
+    """
+    p = plan(load_recipe(recipe), for_output=False)
+    try:
+        stats = norm_pass(p, progress=progress)
+        coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
+        return _finish(coefficients, stats)
+    finally:
+        p.close()
+
+
+def memory_bound(p: Plan) -> dict[str, Any]:
+    """Upper estimate of the merge's working set, stated in the report.
+
+    Per tensor in flight: M float32 copies plus the float32 base and the raw read buffers; the
+    method adds its float32 workspace (masks, magnitudes; at most 4 stacks for TIES/DARE).
+    """
+    m = len(p.models)
+    largest_name, largest = max(p.entries, key=lambda e: e[1].numel)
+    unit = largest.numel * 4
+    in_flight = p.recipe.threads + 1
+    bound = in_flight * (2 * m + 2) * unit + 4 * m * unit
+    return {
+        "bound_bytes": bound,
+        "formula": "(threads + 1) * (2M + 2) * L + 4M * L, L = largest tensor in float32 bytes",
+        "largest_tensor": largest_name,
+        "largest_tensor_float32_bytes": unit,
+        "models": m,
+        "threads": p.recipe.threads,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    return {
+        "nanmerge": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _report(
+    p: Plan, coefficients: Coefficients, timings: dict[str, float], extra: dict[str, Any]
+) -> dict[str, Any]:
+    recipe = p.recipe.model_dump(mode="json")
+    recipe["base"] = None if p.base is None else p.base.source
+    for entry, name in zip(recipe["models"], p.model_names, strict=True):
+        entry["path"] = name
+    return {
+        "nanmerge_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "inputs": {"base": recipe["base"], "models": list(p.model_names)},
+        "method": {
+            "name": p.method.name,
+            "parameters": p.params,
+            "reference": p.method.reference,
+        },
+        "coefficients": coefficients.to_json(),
+        "tensors": {
+            "total": len(p.entries),
+            "merged": len(p.merged),
+            "copied_from_reference": len(p.entries) - len(p.merged),
+            "filled_from_base": sorted(p.fill_from_base),
+        },
+        "memory": {
+            **memory_bound(p),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        },
+        "timings_s": timings,
+        "warnings": coefficients.warnings,
+        "versions": _versions(),
+        **extra,
+    }
+
+
+def _model_card(report: dict[str, Any]) -> str:
+    front = {"library_name": "transformers", "tags": ["merge", "nanmerge"]}
+    if report["inputs"]["base"]:
+        front["base_model"] = report["inputs"]["base"]
+    coefs = report["coefficients"]
+    rows = "\n".join(
+        f"| {name} | {'layer-wise' if coefs['coefficients'] is None else f'{c:.4f}'} |"
+        for name, c in zip(
+            coefs["models"], coefs["coefficients"] or [None] * len(coefs["models"]), strict=True
+        )
+    )
+    recipe = yaml.safe_dump(report["recipe"], sort_keys=False)
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# Merged model\n\nMerged with nanmerge {__version__} using "
+        f"`{report['method']['name']}` ({report['method']['reference']}) and "
+        f"`{coefs['estimator']}` coefficients.\n\n| model | coefficient |\n|---|---|\n{rows}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe}```\n\nFull details: `merge_report.json`.\n"
+    )
+
+
+def _copy_source(p: Plan) -> Path | None:
+    if p.recipe.copy_files_from is not None:
+        return Path(p.recipe.copy_files_from)
+    for ckpt in [p.base, *p.models]:
+        folder = getattr(ckpt, "folder", None)
+        if folder is not None:
+            return Path(folder)
+    return None
+
+
+def merge(
+    recipe: RecipeLike, *, progress: bool = False
+) -> dict[str, Any] | dict[str, torch.Tensor]:
+    """Merge as the recipe says. Returns the report, or a state dict when it has no output.
+
+    Every input is checked before any work; a failure leaves no output folder behind.
+    """
+    r = load_recipe(recipe)
+    p = plan(r)
+    try:
+        start = time.perf_counter()
+        coefficients, extra = _initial_coefficients(p, progress=progress)
+        timings = {"norm_pass": time.perf_counter() - start}
+        if r.output is None:
+            state: dict[str, torch.Tensor] = {}
+            merge_stream(p, coefficients, state.__setitem__, progress=progress)
+            return state
+        writer = ModelWriter(
+            r.output,
+            p.entries,
+            max_shard_size=parse_size(r.max_shard_size),
+            overwrite=r.overwrite,
+            metadata={"merged_with": f"nanmerge {__version__}", "method": p.method.name},
+        )
+        with writer:
+            start = time.perf_counter()
+            stats = merge_stream(p, coefficients, writer.write, progress=progress)
+            timings["merge"] = time.perf_counter() - start
+            _finish(coefficients, stats)
+            report = _report(p, coefficients, timings, extra)
+            report["output"] = {"path": str(r.output)}
+            source = _copy_source(p)
+            if source is not None:
+                writer.copy_files(source, NON_WEIGHT_FILES)
+            writer.add_file("merge_report.json", json.dumps(report, indent=2))
+            writer.add_file("README.md", _model_card(report))
+            writer.finalize()
+        return report
+    finally:
+        p.close()

@@ -1,0 +1,85 @@
+"""uniform, manual and from_file estimators, the registry and the statistics they read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanmerge import Coefficients, MergeError
+from nanmerge.coefficients import from_file, get_estimator, manual, model_norms, nan, tensor_stats
+from nanmerge.coefficients import uniform as uniform_estimator
+from nanmerge._types import TensorStats
+
+
+def test_uniform_is_one_per_model() -> None:
+    assert uniform_estimator({}, ("a", "b", "c")).per_model == (1.0, 1.0, 1.0)
+
+
+def test_manual_keeps_the_given_values() -> None:
+    assert manual({}, ("a", "b"), values=[0.3, 0.7]).per_model == (0.3, 0.7)
+
+
+def test_manual_rejects_a_count_mismatch_and_non_finite_values() -> None:
+    with pytest.raises(MergeError, match="2 values for 3 models"):
+        manual({}, ("a", "b", "c"), values=[1.0, 2.0])
+    with pytest.raises(MergeError, match="finite"):
+        manual({}, ("a", "b"), values=[1.0, float("nan")])
+
+
+def test_from_file_round_trips_model_and_tensor_coefficients(tmp_path: Path) -> None:
+    stats = {"x": TensorStats(1, (1.0, 4.0)), "y": TensorStats(1, (4.0, 1.0))}
+    written = nan(stats, ("a", "b"), granularity="tensor")
+    path = tmp_path / "coefs.json"
+    path.write_text(json.dumps(written.to_json()))
+    loaded = from_file({}, ("a", "b"), path=str(path))
+    assert loaded.per_tensor == written.per_tensor
+    assert torch.equal(loaded.for_tensor("x"), written.for_tensor("x"))
+    assert loaded.params["source_estimator"] == "nan"
+
+
+def test_from_file_reads_the_coefficients_inside_a_merge_report(tmp_path: Path) -> None:
+    coefs = Coefficients(("a", "b"), "nan", per_model=(1.2, 0.8))
+    path = tmp_path / "merge_report.json"
+    path.write_text(json.dumps({"method": {}, "coefficients": coefs.to_json()}))
+    assert from_file({}, ("a", "b"), path=str(path)).per_model == (1.2, 0.8)
+
+
+def test_from_file_rejects_a_model_count_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(Coefficients(("a",), "manual", per_model=(1.0,)).to_json()))
+    with pytest.raises(MergeError, match="1 models but the recipe has 2"):
+        from_file({}, ("a", "b"), path=str(path))
+
+
+def test_from_file_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(MergeError, match="not found"):
+        from_file({}, ("a",), path=str(tmp_path / "nope.json"))
+
+
+def test_unknown_estimator_lists_valid_ones_and_suggests_closest() -> None:
+    with pytest.raises(MergeError, match=r"Did you mean 'uniform'\?") as info:
+        get_estimator("unifrom")
+    assert "nan" in str(info.value) and "manual" in str(info.value)
+
+
+def test_tensor_stats_are_sums_of_squares_of_weights_and_task_vectors() -> None:
+    stack = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    base = torch.tensor([1.0, 1.0])
+    st = tensor_stats(stack, base)
+    assert st.numel == 2
+    assert st.sumsq_finetuned == pytest.approx((5.0, 25.0))
+    assert st.sumsq_task_vector == pytest.approx((1.0, 13.0))
+
+
+def test_model_norms_are_square_roots_of_summed_squares() -> None:
+    norms = model_norms([TensorStats(1, (1.0, 4.0), (0.0, 1.0)), TensorStats(1, (3.0, 5.0), (4.0, 3.0))])
+    assert norms["finetuned"] == pytest.approx((2.0, 3.0))
+    assert norms["task_vector"] == pytest.approx((2.0, 2.0))
+
+
+def test_coefficients_without_an_entry_for_a_tensor_raise() -> None:
+    with pytest.raises(MergeError, match="no entry for tensor 'z'"):
+        Coefficients(("a",), "nan", per_tensor={"x": (1.0,)}).for_tensor("z")
