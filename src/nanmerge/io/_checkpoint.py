@@ -1,0 +1,68 @@
+"""The base every reader shares, so each kind only says how to list, describe and load tensors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import torch
+
+from nanmerge._types import TensorMeta
+
+_Reader = TypeVar("_Reader", bound="CheckpointReader")
+
+
+class CheckpointReader(ABC):
+    """A read-only `Mapping[str, Tensor]` plus `meta(name)`, in the shape of `safe_open`.
+
+    `source` names the input in messages; `folder` is the model folder (config.json,
+    tokenizer files) when the input was a folder, else None.
+    """
+
+    source: str
+    folder: Path | None
+
+    @abstractmethod
+    def keys(self) -> Sequence[str]:
+        """Tensor names in file order, so reading them in this order is sequential I/O."""
+
+    @abstractmethod
+    def meta(self, name: str) -> TensorMeta:
+        """Shape and dtype of `name` from the header, without loading the tensor."""
+
+    @abstractmethod
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor that owns its memory; callers may modify or free it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release file handles; the reader must not be used afterwards."""
+
+    @abstractmethod
+    def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __enter__(self: _Reader) -> _Reader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {len(self)} tensors)"
+
+    def _missing(self, name: str) -> KeyError:
+        return KeyError(f"tensor '{name}' is not in checkpoint {self.source}")

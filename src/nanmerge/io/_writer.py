@@ -1,0 +1,304 @@
+"""Stream tensors into Hugging Face shards inside a temporary folder; rename only on success."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, TypeVar
+
+import torch
+
+from nanmerge._types import MergeError, TensorMeta
+
+from ._safetensors import byte_view, check_writable, encode_header
+
+# Files a Hugging Face model folder needs besides its weights.
+NON_WEIGHT_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_Writer = TypeVar("_Writer", bound="ModelWriter")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
+    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as "2GB" (powers of 1000) or "500MiB" (powers of 1024).
+
+    This is the Hugging Face `max_shard_size` convention; a plain integer means bytes.
+    Units are case-insensitive and always mean bytes, never bits.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(size) if isinstance(size, str) else None
+        if match is None:
+            raise MergeError(
+                f"cannot read size {size!r}; write a number of bytes or a number with a unit, "
+                "e.g. 5GB, 500MB (powers of 1000) or 4GiB, 512MiB (powers of 1024)"
+            )
+        number, unit = match.groups()
+        value = int(float(number) * _UNITS[(unit or "b").lower()])
+    if value <= 0:
+        raise MergeError(f"size {size!r} must be positive")
+    return value
+
+
+def _plan_shards(
+    entries: Sequence[tuple[str, TensorMeta]], max_shard_size: int
+) -> list[list[tuple[str, TensorMeta]]]:
+    """Greedy fill in write order; a tensor larger than the maximum gets a shard of its own."""
+    shards: list[list[tuple[str, TensorMeta]]] = [[]]
+    size = 0
+    for name, meta in entries:
+        if shards[-1] and size + meta.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, meta))
+        size += meta.nbytes
+    return shards
+
+
+def _is_occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class ModelWriter:
+    """Write a merged model as Hugging Face safetensors shards, streaming one tensor at a time.
+
+    The shard layout is planned from `entries` up front, so each shard's header is written
+    when the shard starts and every tensor's bytes are appended as they arrive: no shard is
+    held in memory. Everything goes into a hidden temporary folder beside `output`, which
+    `finalize()` renames into place; an error (or leaving the `with` block without
+    finalizing) deletes it, so a failed merge never leaves a half-written model.
+    """
+
+    def __init__(
+        self,
+        output: Path,
+        entries: Sequence[tuple[str, TensorMeta]],
+        *,
+        max_shard_size: int,
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.output = Path(output)
+        self.overwrite = overwrite
+        if max_shard_size <= 0:
+            raise MergeError(
+                f"max_shard_size must be a positive number of bytes, not {max_shard_size}"
+            )
+        seen: set[str] = set()
+        for name, meta in entries:
+            if name in seen:
+                raise MergeError(
+                    f"tensor '{name}' is planned twice; each output name must be unique"
+                )
+            seen.add(name)
+            check_writable(name, meta)
+        self._metadata = {"format": "pt"}
+        for key, value in (metadata or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise MergeError(
+                    f"safetensors metadata must map strings to strings; got {key!r}: {value!r}"
+                )
+            self._metadata[key] = value
+        self._check_output_free()
+        self.shards = _plan_shards(entries, max_shard_size)
+        count = len(self.shards)
+        self.shard_names = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
+        self._order = [
+            (i, name, meta) for i, shard in enumerate(self.shards) for name, meta in shard
+        ]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._state = "open"
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.temp_dir = self.output.parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.temp_dir.mkdir()
+
+    def _check_output_free(self) -> None:
+        if _is_occupied(self.output) and not self.overwrite:
+            raise MergeError(
+                f"output {self.output} already exists and is not empty; pass --overwrite "
+                "(overwrite: true) to replace it, or choose another output"
+            )
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise MergeError(f"the writer for {self.output} is already {self._state}")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; names, shapes and dtypes must match the plan."""
+        self._require_open()
+        if self._next >= len(self._order):
+            raise MergeError(f"tensor '{name}' was not planned: all {len(self._order)} are written")
+        shard, expected, meta = self._order[self._next]
+        if name != expected:
+            planned = any(n == name for _, n, _ in self._order)
+            detail = "was not planned" if not planned else "is out of order"
+            raise MergeError(
+                f"writer expected tensor '{expected}' next (number {self._next + 1} of "
+                f"{len(self._order)}) but got '{name}', which {detail}"
+            )
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise MergeError(
+                f"tensor '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype} but "
+                f"the plan says shape {meta.shape} and dtype {meta.dtype}"
+            )
+        file = self._file or self._start_shard(shard)
+        file.write(byte_view(tensor.detach().to("cpu").contiguous()))
+        file.flush()  # bytes leave memory as each tensor arrives
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard:
+            self._end_shard()
+
+    def _start_shard(self, shard: int) -> BinaryIO:
+        file = open(self.temp_dir / self.shard_names[shard], "wb")  # noqa: SIM115 - kept open
+        self._file = file
+        file.write(encode_header(self.shards[shard], self._metadata))
+        return file
+
+    def _end_shard(self) -> None:
+        """Close the current shard, on disk before the rename makes the output visible."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def _target(self, relative_name: str) -> Path:
+        relative = Path(relative_name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise MergeError(f"'{relative_name}' must be a relative path inside the output folder")
+        if relative_name in self.shard_names or relative_name == INDEX_FILE:
+            raise MergeError(f"'{relative_name}' would overwrite a weight file of the output")
+        target = self.temp_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def add_file(self, relative_name: str, content: str | bytes) -> None:
+        """Add a file (the report, the model card) to the output folder."""
+        self._require_open()
+        target = self._target(relative_name)
+        if isinstance(content, str):
+            target.write_text(content, encoding="utf-8")
+        else:
+            target.write_bytes(content)
+
+    def copy_files(self, src_folder: Path, names: Iterable[str]) -> list[str]:
+        """Copy those of `names` that exist in `src_folder`; returns the names copied."""
+        self._require_open()
+        copied = []
+        for name in names:
+            source = Path(src_folder) / name
+            if source.is_file():
+                shutil.copyfile(source, self._target(name))
+                copied.append(name)
+        return copied
+
+    def finalize(self) -> Path:
+        """Check every planned tensor was written, write the index, and move into place."""
+        self._require_open()
+        try:
+            if self._next < len(self._order):
+                missing = [name for _, name, _ in self._order[self._next :]]
+                raise MergeError(
+                    f"cannot finalize {self.output}: {len(missing)} of {len(self._order)} planned "
+                    f"tensors were never written, starting with '{missing[0]}'"
+                )
+            if not self._order:  # a model with no tensors still gets a valid empty file
+                self._start_shard(0)
+                self._end_shard()
+            if len(self.shards) > 1:
+                self._write_index()
+            self._check_output_free()
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finalized"
+        return self.output
+
+    def _write_index(self) -> None:
+        weight_map = {name: self.shard_names[shard] for shard, name, _ in self._order}
+        total = sum(meta.nbytes for _, _, meta in self._order)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.temp_dir / INDEX_FILE).write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
+
+    def _move_into_place(self) -> None:
+        if not self.output.exists():
+            self.temp_dir.rename(self.output)
+            return
+        if not _is_occupied(self.output):  # an empty folder: nothing to keep
+            self.output.rmdir()
+            self.temp_dir.rename(self.output)
+            return
+        old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+        self.output.rename(old)
+        try:
+            self.temp_dir.rename(self.output)
+        except BaseException:
+            old.rename(self.output)
+            raise
+        _remove(old)
+
+    def abort(self) -> None:
+        """Delete the temporary folder; the output is left as it was. Safe to call twice."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
