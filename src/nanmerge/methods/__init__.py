@@ -1,0 +1,41 @@
+"""Merge methods: typed pure functions over stacked tensors, and their registry.
+
+Every method is `fn(tensors, coef, *, base=None, **hyperparameters) -> Tensor` with
+`tensors` float32 (M, *shape) and `coef` float32 (M,), uniform = 1.0 each.
+"""
+
+from __future__ import annotations
+
+from nanmerge.methods._linear import weight_average
+from nanmerge.methods._registry import (
+    METHODS,
+    MethodSpec,
+    check_params,
+    get_method,
+    register,
+)
+from nanmerge.methods._slerp import slerp
+from nanmerge.methods._sparsify import tensor_generator
+from nanmerge.methods._task_arithmetic import (
+    breadcrumbs,
+    dare_linear,
+    dare_ties,
+    task_arithmetic,
+    ties,
+)
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "breadcrumbs",
+    "check_params",
+    "dare_linear",
+    "dare_ties",
+    "get_method",
+    "register",
+    "slerp",
+    "task_arithmetic",
+    "tensor_generator",
+    "ties",
+    "weight_average",
+]

@@ -1,0 +1,27 @@
+"""Weight averaging: the merge every other method is compared against."""
+
+from __future__ import annotations
+
+import torch
+
+from nanmerge._types import MergeError
+from nanmerge.methods._registry import register
+
+
+@register(reference="https://arxiv.org/abs/2203.05482", needs_base=False)
+def weight_average(
+    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_i w_i * tensors[i] with w_i = coef_i / sum(coef) (model soups, Wortsman et al. 2022).
+
+    https://arxiv.org/abs/2203.05482. `base` is accepted and ignored. mergekit's `linear`
+    normalizes the same way by default (`normalize: true`).
+    """
+    total = coef.sum()
+    if total == 0:
+        raise MergeError(
+            f"weight_average: the coefficients {coef.tolist()} sum to 0, so they cannot be "
+            f"normalized; give coefficients with a nonzero sum"
+        )
+    weights = (coef / total).reshape((-1,) + (1,) * (tensors.dim() - 1))
+    return (weights * tensors).sum(dim=0)

@@ -1,0 +1,212 @@
+"""Task-vector methods: one parameterised function and its published presets.
+
+tau_i = tensors[i] - base; every preset computes base + scale * combine(coef_i * tau_i),
+differing only in how tau_i is sparsified, whether signs are elected, and how the kept
+entries are combined. The presets are data passed to one function, not copies of it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from nanmerge.methods._registry import register
+from nanmerge.methods._sparsify import band_mask, magnitude_mask, random_mask
+
+Sparsify = Literal["magnitude", "random", "breadcrumbs"] | None
+Merge = Literal["mean", "sum"]
+
+
+def _generalized_task_arithmetic(
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    scale: float,
+    sparsify: Sparsify,
+    density: float,
+    gamma: float,
+    consensus: bool,
+    merge: Merge,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """base + scale * merge_i(coef_i * sparsify(tau_i)), optionally keeping elected signs only.
+
+    Sign election: sign(sum_i coef_i * tau_i) per entry; an entry of model i is kept when
+    coef_i * tau_i has that sign, so zeros (and entries whose elected sum is exactly zero)
+    contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
+    that is 0); "sum" does not divide.
+    """
+    task_vectors = tensors - base
+    if sparsify == "magnitude":
+        task_vectors = task_vectors * magnitude_mask(task_vectors, density)
+    elif sparsify == "breadcrumbs":
+        task_vectors = task_vectors * band_mask(task_vectors, density=density, gamma=gamma)
+    elif sparsify == "random":
+        keep = random_mask(task_vectors.shape, density, generator, task_vectors.device)
+        task_vectors = task_vectors * keep / density
+    weights = coef.reshape((-1,) + (1,) * (tensors.dim() - 1))
+    weighted = weights * task_vectors
+    if consensus:
+        elected = weighted.sum(dim=0).sign()
+        kept = weighted.sign() == elected
+        kept &= elected != 0
+        weighted = weighted * kept
+        weights = weights * kept
+    merged = weighted.sum(dim=0)
+    if merge == "mean":
+        divisor = weights.sum(dim=0).expand_as(merged)
+        nonzero = divisor != 0
+        merged = torch.where(nonzero, merged / torch.where(nonzero, divisor, 1.0), 0.0)
+    return base + scale * merged
+
+
+@register(reference="https://arxiv.org/abs/2212.04089", needs_base=True)
+def task_arithmetic(
+    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor, scale: float = 0.3
+) -> torch.Tensor:
+    """base + scale * sum_i coef_i * tau_i (Ilharco et al. 2023).
+
+    https://arxiv.org/abs/2212.04089. The paper's scale 0.3 is the default; mergekit has no
+    global scale (each model's `weight` plays the role of scale * coef_i).
+    """
+    return _generalized_task_arithmetic(
+        tensors,
+        coef,
+        base=base,
+        scale=scale,
+        sparsify=None,
+        density=1.0,
+        gamma=0.0,
+        consensus=False,
+        merge="sum",
+        generator=None,
+    )
+
+
+@register(reference="https://arxiv.org/abs/2306.01708", needs_base=True)
+def ties(
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    density: float = 0.2,
+    scale: float = 1.0,
+    merge: Merge = "mean",
+) -> torch.Tensor:
+    """TIES: trim each task vector to its top-k magnitudes, elect signs, merge agreeing entries.
+
+    https://arxiv.org/abs/2306.01708. Trimming is per model and per tensor, keeping exactly
+    k = max(1, round(density * numel)) entries (half up). Peers differ: mergekit also trims
+    per tensor but with k = int(density * numel), elects on the weighted sum, breaks a zero
+    sum towards +, and defaults density to 1.0; FusionBench trims over the whole flattened
+    model with a threshold (ties at it all survive), elects on the unweighted sum and divides
+    by the count of kept entries; PEFT divides by the count too. Here a zero elected sum keeps
+    nothing, and merge="mean" divides by the sum of the kept models' coefficients.
+    """
+    return _generalized_task_arithmetic(
+        tensors,
+        coef,
+        base=base,
+        scale=scale,
+        sparsify="magnitude",
+        density=density,
+        gamma=0.0,
+        consensus=True,
+        merge=merge,
+        generator=None,
+    )
+
+
+@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True)
+def dare_linear(
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    density: float = 0.5,
+    scale: float = 0.3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE: drop each task-vector entry with probability 1 - density, rescale by 1/density, sum.
+
+    https://arxiv.org/abs/2311.03099. Unbiased: the expectation is task arithmetic. Pass
+    `tensor_generator(seed, name)` for reproducible masks (all M drawn in one call, on CPU).
+    mergekit and PEFT draw from the global RNG; mergekit defaults density to 1.0 (no drop).
+    """
+    return _generalized_task_arithmetic(
+        tensors,
+        coef,
+        base=base,
+        scale=scale,
+        sparsify="random",
+        density=density,
+        gamma=0.0,
+        consensus=False,
+        merge="sum",
+        generator=generator,
+    )
+
+
+@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True)
+def dare_ties(
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    density: float = 0.5,
+    scale: float = 1.0,
+    merge: Merge = "mean",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE drop-and-rescale, then TIES sign election and merge of the agreeing entries.
+
+    https://arxiv.org/abs/2311.03099. mergekit's dare_ties sums by default (normalize off);
+    PEFT's divides by the count of agreeing models; here merge="mean" divides by the sum of
+    their coefficients, as `ties` does.
+    """
+    return _generalized_task_arithmetic(
+        tensors,
+        coef,
+        base=base,
+        scale=scale,
+        sparsify="random",
+        density=density,
+        gamma=0.0,
+        consensus=True,
+        merge=merge,
+        generator=generator,
+    )
+
+
+@register(reference="https://arxiv.org/abs/2312.06795", needs_base=True)
+def breadcrumbs(
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    density: float = 0.9,
+    gamma: float = 0.01,
+    scale: float = 0.3,
+) -> torch.Tensor:
+    """Model Breadcrumbs: per model drop the top gamma outliers and the small tail, then sum.
+
+    https://arxiv.org/abs/2312.06795. Per model and tensor, the round(gamma * numel) largest
+    |entries| are dropped and the next max(1, round(density * numel)) kept (exact counts).
+    mergekit does the same per tensor with int() rounding, defaults density to 1.0 (no
+    trimming), and when the counts overlap drops fewer outliers; here gamma + density > 1 is
+    rejected up front.
+    """
+    return _generalized_task_arithmetic(
+        tensors,
+        coef,
+        base=base,
+        scale=scale,
+        sparsify="breadcrumbs",
+        density=density,
+        gamma=gamma,
+        consensus=False,
+        merge="sum",
+        generator=None,
+    )
