@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from nanmerge._types import Coefficients, MergeError  # noqa: E402
-from nanmerge.coefficients import ESTIMATORS  # noqa: E402
-from nanmerge.config import Recipe, load_recipe  # noqa: E402
-from nanmerge.engine import estimate_coefficients, merge  # noqa: E402
-from nanmerge.methods import METHODS  # noqa: E402
+from nanmerge._types import Coefficients, MergeError
+from nanmerge.coefficients import ESTIMATORS
+from nanmerge.config import Recipe, load_recipe
+from nanmerge.engine import estimate_coefficients, merge
+from nanmerge.methods import METHODS
 
 __all__ = [
     "ESTIMATORS",

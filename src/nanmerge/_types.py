@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +42,8 @@ class Checkpoint(Protocol):
     def __getitem__(self, name: str) -> torch.Tensor: ...
 
     def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]: ...
 
     def close(self) -> None: ...
 
@@ -105,7 +107,9 @@ class Coefficients:
             estimator=str(data.get("estimator", "from_file")),
             params=dict(data.get("params", {})),
             per_model=None if per_model is None else tuple(float(v) for v in per_model),
-            per_tensor={k: tuple(float(x) for x in v) for k, v in data.get("per_tensor", {}).items()},
+            per_tensor={
+                k: tuple(float(x) for x in v) for k, v in data.get("per_tensor", {}).items()
+            },
             norms={k: tuple(float(x) for x in v) for k, v in data.get("norms", {}).items()},
             warnings=list(data.get("warnings", [])),
         )

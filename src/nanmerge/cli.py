@@ -144,13 +144,24 @@ def _merge_command() -> click.Command:
     ]
     params += [
         click.Option(["--model"], multiple=True, required=True, help="a fine-tuned model (repeat)"),
-        click.Option(["--coefficient"], type=float, multiple=True,
-                     help="per-model weight for --coefficients manual (repeat, in order)"),
+        click.Option(
+            ["--coefficient"],
+            type=float,
+            multiple=True,
+            help="per-model weight for --coefficients manual (repeat, in order)",
+        ),
         click.Option(["--param"], multiple=True, help="method parameter KEY=VALUE (repeat)"),
-        click.Option(["--coefficients"], default="uniform", show_default=True,
-                     help="estimator: uniform | manual | nan | from_file"),
-        click.Option(["--coefficients-option"], multiple=True,
-                     help="estimator option KEY=VALUE, e.g. norm_of=task_vector (repeat)"),
+        click.Option(
+            ["--coefficients"],
+            default="uniform",
+            show_default=True,
+            help="estimator: uniform | manual | nan | from_file",
+        ),
+        click.Option(
+            ["--coefficients-option"],
+            multiple=True,
+            help="estimator option KEY=VALUE, e.g. norm_of=task_vector (repeat)",
+        ),
         click.Option(["--quiet"], is_flag=True, help="no progress bars or summary"),
     ]
 
@@ -162,8 +173,12 @@ def _merge_command() -> click.Command:
             return
         _run_merge(r, flags["quiet"])
 
-    return click.Command("merge", params=params, callback=callback,
-                         help="Merge with the recipe given as flags (same fields as YAML).")
+    return click.Command(
+        "merge",
+        params=params,
+        callback=callback,
+        help="Merge with the recipe given as flags (same fields as YAML).",
+    )
 
 
 main.add_command(_merge_command())
@@ -189,7 +204,7 @@ def methods(as_json: bool) -> None:
     """List the merge methods, their parameters with defaults, and references."""
     from nanmerge.methods import METHODS
 
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         name: {
             "parameters": spec.params,
             "needs_base": spec.needs_base,

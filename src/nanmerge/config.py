@@ -53,9 +53,7 @@ class Recipe(BaseModel):
     base: ModelSource | None = Field(None, description="the pretrained model the others share")
     models: list[ModelEntry] = Field(min_length=1, description="the fine-tuned models")
     method: str = Field(description="merge method (see `nanmerge methods`)")
-    parameters: dict[str, Any] = Field(
-        default_factory=dict, description="method hyperparameters"
-    )
+    parameters: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
     coefficients: CoefficientSpec = Field(
         default_factory=CoefficientSpec,
         description="estimator: uniform | manual | nan | from_file, or a mapping with options",
@@ -67,7 +65,9 @@ class Recipe(BaseModel):
     )
     overwrite: bool = Field(False, description="replace an existing output folder")
     max_shard_size: str = Field("1GB", description="largest output shard, e.g. 500MB, 2GB")
-    threads: int = Field(1, ge=0, description="tensors loaded ahead in background threads")
+    threads: int = Field(
+        0, ge=0, description="tensors loaded ahead in background threads (more memory)"
+    )
     missing_tensors: Literal["error", "base", "skip"] = Field(
         "error",
         description="a tensor absent from some inputs: error, take the base's, or skip it",

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nanmerge import Coefficients, MergeError
+from nanmerge._types import TensorStats
 from nanmerge.coefficients import from_file, get_estimator, manual, model_norms, nan, tensor_stats
 from nanmerge.coefficients import uniform as uniform_estimator
-from nanmerge._types import TensorStats
 
 
 def test_uniform_is_one_per_model() -> None:
@@ -75,7 +75,9 @@ def test_tensor_stats_are_sums_of_squares_of_weights_and_task_vectors() -> None:
 
 
 def test_model_norms_are_square_roots_of_summed_squares() -> None:
-    norms = model_norms([TensorStats(1, (1.0, 4.0), (0.0, 1.0)), TensorStats(1, (3.0, 5.0), (4.0, 3.0))])
+    norms = model_norms(
+        [TensorStats(1, (1.0, 4.0), (0.0, 1.0)), TensorStats(1, (3.0, 5.0), (4.0, 3.0))]
+    )
     assert norms["finetuned"] == pytest.approx((2.0, 3.0))
     assert norms["task_vector"] == pytest.approx((2.0, 2.0))
 

@@ -26,7 +26,11 @@ def test_model_level_weights_are_normalized_inverse_norms_times_m() -> None:
 
 @pytest.mark.parametrize(
     ("convention", "expected"),
-    [("sum_one", (0.5, 0.25, 0.25)), ("mean_one", (1.5, 0.75, 0.75)), ("half_m", (0.75, 0.375, 0.375))],
+    [
+        ("sum_one", (0.5, 0.25, 0.25)),
+        ("mean_one", (1.5, 0.75, 0.75)),
+        ("half_m", (0.75, 0.375, 0.375)),
+    ],
 )
 def test_conventions_only_rescale_the_normalized_weights(
     convention: str, expected: tuple[float, ...]

@@ -21,7 +21,9 @@ def test_task_arithmetic_writes_base_plus_scaled_sum_of_task_vectors(
     family: Family, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    nanmerge.merge(recipe(family, method="task_arithmetic", parameters={"scale": 0.5}, output=str(out)))
+    nanmerge.merge(
+        recipe(family, method="task_arithmetic", parameters={"scale": 0.5}, output=str(out))
+    )
     merged = load_file(out / "model.safetensors")
     for name, base in family.base_tensors.items():
         if not base.dtype.is_floating_point:
@@ -35,12 +37,16 @@ def test_nan_model_level_weights_the_average_by_inverse_total_norms(family: Fami
     state = nanmerge.merge(recipe(family, method="weight_average", coefficients="nan"))
     floats = [k for k, v in family.base_tensors.items() if v.dtype.is_floating_point]
     norms = torch.tensor(
-        [sum(float(ft[k].double().square().sum()) for k in floats) ** 0.5 for ft in family.model_tensors]
+        [
+            sum(float(ft[k].double().square().sum()) for k in floats) ** 0.5
+            for ft in family.model_tensors
+        ]
     )
     weights = (1 / norms) / (1 / norms).sum()
     assert isinstance(state, dict)
     for k in floats:
-        expected = sum(w * ft[k] for w, ft in zip(weights.tolist(), family.model_tensors))
+        pairs = zip(weights.tolist(), family.model_tensors, strict=True)
+        expected = sum(w * ft[k] for w, ft in pairs)
         torch.testing.assert_close(state[k], expected)
 
 
@@ -50,7 +56,13 @@ def test_nan_tensor_level_reports_and_uses_one_vector_per_tensor(
     out = tmp_path / "out"
     coefs = {"estimator": "nan", "norm_of": "task_vector", "granularity": "tensor"}
     report = nanmerge.merge(
-        recipe(family, method="task_arithmetic", parameters={"scale": 1.0}, coefficients=coefs, output=str(out))
+        recipe(
+            family,
+            method="task_arithmetic",
+            parameters={"scale": 1.0},
+            coefficients=coefs,
+            output=str(out),
+        )
     )
     assert isinstance(report, dict)
     per_tensor = report["coefficients"]["per_tensor"]
@@ -64,17 +76,25 @@ def test_nan_tensor_level_reports_and_uses_one_vector_per_tensor(
         inv = torch.tensor([1 / float(t.double().norm()) for t in taus])
         expected_coef = m * inv / inv.sum()
         assert per_tensor[name] == pytest.approx(expected_coef.tolist())
-        expected = base + sum(c * t for c, t in zip(expected_coef.tolist(), taus))
+        expected = base + sum(c * t for c, t in zip(expected_coef.tolist(), taus, strict=False))
         torch.testing.assert_close(merged[name], expected)
 
 
 def test_equal_norm_models_merge_identically_with_nan_and_uniform(tmp_path: Path) -> None:
     fam = build_family(tmp_path / "in", delta_scales=(0.2, 0.2, 0.2))
     # equal norms on purpose: rescale each fine-tuned tensor set to the first one's norm
-    ref = sum(float(v.double().square().sum()) for k, v in fam.model_tensors[0].items() if v.is_floating_point())
-    for path, tensors in zip(fam.models, fam.model_tensors):
-        own = sum(float(v.double().square().sum()) for v in tensors.values() if v.is_floating_point())
-        scaled = {k: v * (ref / own) ** 0.5 if v.is_floating_point() else v for k, v in tensors.items()}
+    ref = sum(
+        float(v.double().square().sum())
+        for k, v in fam.model_tensors[0].items()
+        if v.is_floating_point()
+    )
+    for path, tensors in zip(fam.models, fam.model_tensors, strict=False):
+        own = sum(
+            float(v.double().square().sum()) for v in tensors.values() if v.is_floating_point()
+        )
+        scaled = {
+            k: v * (ref / own) ** 0.5 if v.is_floating_point() else v for k, v in tensors.items()
+        }
         save_file(scaled, path)
     a = nanmerge.merge(recipe(fam, method="ties", coefficients="nan"))
     b = nanmerge.merge(recipe(fam, method="ties", coefficients="uniform"))
@@ -102,7 +122,7 @@ def test_dare_is_bitwise_reproducible_across_threads_and_tensor_order(
         for threads in (0, 1, 3)
     ]
     # the same tensors written in reverse order must give the same draws per tensor name
-    for path, tensors in zip(family.models, family.model_tensors):
+    for path, tensors in zip(family.models, family.model_tensors, strict=False):
         save_file(dict(reversed(list(tensors.items()))), path)
     results.append(nanmerge.merge(recipe(family, method="dare_ties", seed=7)))
     other_seed = nanmerge.merge(recipe(family, method="dare_ties", seed=8))
@@ -133,15 +153,22 @@ def test_sharded_output_loads_with_the_index(family: Family, tmp_path: Path) -> 
     for shard in shards:
         merged.update(load_file(out / shard))
     assert set(merged) == set(family.base_tensors)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in merged.values()
+    )
 
 
 def test_report_and_model_card_describe_the_merge(family: Family, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (tmp_path / "inputs" / "config.json").write_text('{"model_type": "toy"}')
     nanmerge.merge(
-        recipe(family, method="ties", coefficients="nan", output=str(out),
-               copy_files_from=str(tmp_path / "inputs"))
+        recipe(
+            family,
+            method="ties",
+            coefficients="nan",
+            output=str(out),
+            copy_files_from=str(tmp_path / "inputs"),
+        )
     )
     report = json.loads((out / "merge_report.json").read_text())
     assert report["method"]["name"] == "ties"
@@ -184,7 +211,9 @@ def test_missing_tensor_policy_base_fills_from_the_base(family: Family) -> None:
 
 def test_estimate_coefficients_matches_the_merge_report(family: Family, tmp_path: Path) -> None:
     coefs = nanmerge.estimate_coefficients(recipe(family, method="ties", coefficients="nan"))
-    report = nanmerge.merge(recipe(family, method="ties", coefficients="nan", output=str(tmp_path / "o")))
+    report = nanmerge.merge(
+        recipe(family, method="ties", coefficients="nan", output=str(tmp_path / "o"))
+    )
     assert isinstance(report, dict)
     assert list(coefs.per_model or ()) == report["coefficients"]["coefficients"]
     assert list(coefs.norms["finetuned"]) == report["coefficients"]["norms"]["finetuned"]

@@ -209,9 +209,7 @@ def nan(
     zero_tensors = []
     for name, st in stats.items():
         norms = [v**0.5 for v in getattr(st, key)]
-        result.per_tensor[name], zero = inverse_norm_weights(
-            norms, convention=convention, eps=eps
-        )
+        result.per_tensor[name], zero = inverse_norm_weights(norms, convention=convention, eps=eps)
         if zero:
             zero_tensors.append(f"{name} (models {', '.join(models[i] for i in zero)})")
     if zero_tensors:

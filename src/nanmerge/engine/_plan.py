@@ -71,9 +71,7 @@ def _bind_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str)
             valid = ", ".join(fields) or "none"
             problems.append(f"{what}: unknown option '{key}'{hint}; valid options: {valid}")
     known = {k: v for k, v in options.items() if k in fields}
-    model = create_model(  # type: ignore[call-overload]
-        f"{what}_options", __config__=ConfigDict(strict=False), **fields
-    )
+    model = create_model(f"{what}_options", __config__=ConfigDict(strict=False), **fields)
     try:
         model.model_validate(known)
     except ValidationError as exc:
@@ -170,11 +168,7 @@ def _layout(
 ) -> tuple[list[tuple[str, TensorMeta]], set[str], dict[str, list[int]]]:
     """Align names across inputs and check shapes and dtypes; decide each output tensor."""
     inputs = ([base] if base is not None else []) + models
-    reference = inputs[0]
-    order = list(reference.keys())
-    seen = set(order)
-    for ckpt in inputs[1:]:
-        order += [n for n in ckpt.keys() if n not in seen and not seen.add(n)]  # type: ignore[func-returns-value]
+    order = list(dict.fromkeys(name for ckpt in inputs for name in ckpt))
     entries: list[tuple[str, TensorMeta]] = []
     merged: set[str] = set()
     fill: dict[str, list[int]] = {}

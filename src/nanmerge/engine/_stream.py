@@ -1,4 +1,4 @@
-"""Stream: one pass over tensor names; load M (+ base) tensors, merge in float32, hand over, free."""
+"""Stream: one pass over tensor names; load M (+ base) tensors, merge in float32, write, free."""
 
 from __future__ import annotations
 
@@ -56,9 +56,7 @@ def load(plan: Plan, name: str) -> Loaded:
     return Loaded(name, stack, base, None)
 
 
-def prefetch(
-    names: list[str], fn: Callable[[str], Loaded], threads: int
-) -> Iterator[Loaded]:
+def prefetch(names: list[str], fn: Callable[[str], Loaded], threads: int) -> Iterator[Loaded]:
     """Yield fn(name) in order, with up to `threads` names loading ahead in the background."""
     if threads == 0:
         yield from (fn(n) for n in names)
