@@ -184,18 +184,46 @@ def _merge_command() -> click.Command:
 main.add_command(_merge_command())
 
 
+def _data_sizes(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MergeError(
+            f"--data-sizes expects comma-separated numbers, one per model; got '{text}'"
+        ) from None
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print JSON (reusable with from_file)")
+@click.option("--diagnose", is_flag=True, help="judge whether NAN's premise looks plausible")
+@click.option("--data-sizes", help="training-set size per model, comma-separated (--diagnose)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def coefficients(recipe: Path, as_json: bool, quiet: bool) -> None:
+def coefficients(
+    recipe: Path, as_json: bool, diagnose: bool, data_sizes: str | None, quiet: bool
+) -> None:
     """Estimate and print RECIPE's coefficients and per-model norms, without merging."""
+    from nanmerge.coefficients import diagnose as run_diagnosis
+
     try:
+        sizes = _data_sizes(data_sizes)
         coefs = estimate_coefficients(recipe, progress=not quiet and not as_json)
+        diagnosis = run_diagnosis(coefs, sizes) if diagnose or sizes is not None else None
     except MergeError as exc:
         _fail(exc)
         return
-    click.echo(json.dumps(coefs.to_json(), indent=2) if as_json else _coefficient_table(coefs))
+    if as_json:
+        data = coefs.to_json()
+        if diagnosis is not None:
+            data["diagnosis"] = diagnosis
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(_coefficient_table(coefs))
+    if diagnosis is not None:
+        click.echo("diagnosis:")
+        click.echo("\n".join(f"  - {line}" for line in diagnosis["verdict"]))
 
 
 @main.command()
@@ -219,3 +247,44 @@ def methods(as_json: bool) -> None:
     for name, row in rows.items():
         params = ", ".join(f"{k}={v}" for k, v in row["parameters"].items()) or "-"
         click.echo(f"{name:<16} {params:<44} {row['reference']}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def demo(out: Path, cache: Path, quiet: bool) -> None:
+    """The main job: both benchmark suites at demo size, a results table, report.md and plots."""
+    from nanmerge.bench import run_demo
+
+    report = run_demo(out_dir=out, cache_dir=cache, progress=not quiet)
+    click.echo(f"report: {report}")
+
+
+@main.command()
+@click.option("--suite", type=click.Choice(["lsq", "digits"]), required=True)
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option(
+    "--size", type=click.Choice(["tiny", "demo", "full"]), default="full", show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="output folder (default: results/SUITE)",
+)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def bench(suite: str, seeds: int, size: str, out: Path | None, cache: Path, quiet: bool) -> None:
+    """Run one benchmark suite: what each method does with uniform and NAN coefficients."""
+    from nanmerge.bench import run_suite
+
+    result = run_suite(
+        suite,
+        out_dir=out or Path("results") / suite,
+        cache_dir=cache,
+        seeds=seeds,
+        size=size,
+        progress=not quiet,
+    )
+    click.echo(f"report: {result['report']}")

@@ -1,0 +1,5 @@
+"""`python -m nanmerge` runs the CLI."""
+
+from nanmerge.cli import main
+
+main()
