@@ -1,8 +1,7 @@
 """nanmerge: model merging with norm-aware (NAN) coefficients, streamed tensor by tensor."""
 
-__version__ = "0.1.0"
-
 from nanmerge._types import Coefficients, MergeError
+from nanmerge._version import __version__
 from nanmerge.coefficients import ESTIMATORS
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine import estimate_coefficients, merge
