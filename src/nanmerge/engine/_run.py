@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import yaml
 
-from nanmerge._version import __version__
 from nanmerge._types import Coefficients, TensorStats
+from nanmerge._version import __version__
 from nanmerge.coefficients import model_norms, near_uniform_warning
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._plan import Plan, plan
