@@ -96,6 +96,12 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, object]], list[str]]] 
     ("density zero", lambda f, t: {"parameters": {"density": 0.0}}, ["density", "0.0"]),
     ("density above one", lambda f, t: {"parameters": {"density": 1.5}}, ["density", "1.5"]),
     ("too many models for slerp", lambda f, t: {"method": "slerp"}, ["slerp", "exactly 2", "3"]),
+    (
+        "too few models for slerp",
+        lambda f, t: {"method": "slerp", "models": [{"path": str(f.models[0])}]},
+        ["slerp", "exactly 2", "has 1"],
+    ),
+    ("no output", lambda f, t: {"output": None}, ["no `output`"]),
     ("no base for task vectors", lambda f, t: {"base": None}, ["needs `base`"]),
     ("misspelt recipe field", lambda f, t: {"modles": []}, ["modles", "models"]),
 ]

@@ -107,14 +107,13 @@ def main() -> None:
 
 
 def _run_merge(recipe: Recipe, quiet: bool) -> None:
+    if recipe.output is None:
+        _fail(MergeError("the recipe has no `output`; set one or pass --output"))
     try:
         result = merge(recipe, progress=not quiet)
     except MergeError as exc:
         _fail(exc)
         return
-    if recipe.output is None:
-        click.echo("error: the recipe has no `output`; set one or pass --output", err=True)
-        sys.exit(2)
     if not quiet:
         _print_summary(result)
 

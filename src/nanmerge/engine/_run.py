@@ -201,7 +201,7 @@ def merge(
             timings["merge"] = time.perf_counter() - start
             _finish(coefficients, stats)
             report = _report(p, coefficients, timings, extra)
-            report["output"] = {"path": str(r.output)}
+            report["output"] = {"path": str(r.output), "weight_files": list(writer.shard_names)}
             source = _copy_source(p)
             if source is not None:
                 writer.copy_files(source, NON_WEIGHT_FILES)
