@@ -16,7 +16,7 @@ from nanmerge._types import Checkpoint, MergeError, TensorMeta
 from nanmerge.coefficients import EstimatorSpec, get_estimator
 from nanmerge.config import Recipe
 from nanmerge.io import open_checkpoint
-from nanmerge.methods import MethodSpec, check_params, get_method
+from nanmerge.methods import MethodSpec, check_params, count_problem, get_method
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_LISTED = 8
@@ -116,15 +116,9 @@ def _resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str,
         problems.append(str(exc))
         return None, {}
     problems += check_params(spec, recipe.parameters)
-    m = len(recipe.models)
-    if m < spec.min_models or (spec.max_models is not None and m > spec.max_models):
-        wanted = (
-            f"exactly {spec.min_models}"
-            if spec.max_models == spec.min_models
-            else f"at least {spec.min_models}"
-            + ("" if spec.max_models is None else f" and at most {spec.max_models}")
-        )
-        problems.append(f"method '{spec.name}' needs {wanted} models; the recipe has {m}")
+    count = count_problem(spec, len(recipe.models))
+    if count:
+        problems.append(count)
     if spec.needs_base and recipe.base is None:
         problems.append(
             f"method '{spec.name}' adds task vectors (model - base) and needs `base`: "
@@ -234,17 +228,15 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         problems.append(f"copy_files_from: {recipe.copy_files_from} is not a folder")
     base, maybe_models = _open_inputs(recipe, problems)
     models = [m for m in maybe_models if m is not None]
-    if len(models) != len(maybe_models) or (recipe.base is not None and base is None):
-        for ckpt in [base, *models]:
-            if ckpt is not None:
-                ckpt.close()
+    opened = [c for c in [base, *models] if c is not None]
+    try:
+        if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
+            entries, merged, fill = _layout(recipe, base, models, problems)
         _fail(problems)
-    entries, merged, fill = _layout(recipe, base, models, problems)
-    if problems:
-        for ckpt in [base, *models]:
-            if ckpt is not None:
-                ckpt.close()
-        _fail(problems)
+    except BaseException:
+        for ckpt in opened:
+            ckpt.close()
+        raise
     return Plan(
         recipe=recipe,
         method=method,

@@ -11,6 +11,7 @@ from nanmerge.methods._registry import (
     METHODS,
     MethodSpec,
     check_params,
+    count_problem,
     get_method,
     register,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "MethodSpec",
     "breadcrumbs",
     "check_params",
+    "count_problem",
     "dare_linear",
     "dare_ties",
     "get_method",

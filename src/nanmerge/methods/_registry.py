@@ -104,14 +104,9 @@ def _checked_inputs(
             f"got dtype {tensors.dtype} and shape {tuple(tensors.shape)}"
         )
     m = tensors.shape[0]
-    if m < spec.min_models or (spec.max_models is not None and m > spec.max_models):
-        wanted = (
-            f"exactly {spec.min_models}"
-            if spec.min_models == spec.max_models
-            else f"at least {spec.min_models}"
-            + ("" if spec.max_models is None else f" and at most {spec.max_models}")
-        )
-        raise MergeError(f"{spec.name} merges {wanted} models, got {m}")
+    problem = count_problem(spec, m)
+    if problem:
+        raise MergeError(problem)
     if tuple(coef.shape) != (m,):
         raise MergeError(
             f"{spec.name}: coef must hold one entry per model, shape ({m},); "
@@ -130,6 +125,18 @@ def _checked_inputs(
             f"shape {tuple(tensors.shape[1:])} (stacked: {tuple(tensors.shape)})"
         )
     return tensors.to(torch.float32), coef.to(device=tensors.device, dtype=torch.float32)
+
+
+def count_problem(spec: MethodSpec, m: int) -> str | None:
+    """Why `m` models are the wrong number for `spec`, or None when they are fine."""
+    if m >= spec.min_models and (spec.max_models is None or m <= spec.max_models):
+        return None
+    if spec.min_models == spec.max_models:
+        wanted = f"exactly {spec.min_models}"
+    else:
+        upper = "" if spec.max_models is None else f" and at most {spec.max_models}"
+        wanted = f"at least {spec.min_models}{upper}"
+    return f"method '{spec.name}' needs {wanted} models; the recipe has {m}"
 
 
 def get_method(name: str) -> MethodSpec:
