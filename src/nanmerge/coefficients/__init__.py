@@ -1,5 +1,6 @@
 """Coefficient estimators: one pluggable family behind the one coefficient slot."""
 
+from nanmerge.coefficients._diagnose import diagnose
 from nanmerge.coefficients._estimators import (
     ESTIMATORS,
     EstimatorSpec,
@@ -16,6 +17,7 @@ from nanmerge.coefficients._stats import model_norms, tensor_stats
 __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",
+    "diagnose",
     "from_file",
     "get_estimator",
     "inverse_norm_weights",

@@ -1,0 +1,147 @@
+"""Every method x coefficient variant, merged through the public API, with the scale fairness rule.
+
+For methods with a global `scale`, a NAN gain must be separated from a gain that any change of
+global scale would give; so each is reported at its published default and at the best scale
+chosen on validation data, for uniform and NAN alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import nanmerge
+from nanmerge._types import Coefficients
+from nanmerge.bench._checkpoints import ModelSet
+
+UNIFORM = "uniform"
+ORACLE = "oracle n_i"
+
+
+def _nan(norm_of: str, granularity: str) -> dict[str, str]:
+    return {
+        "estimator": "nan",
+        "norm_of": norm_of,
+        "granularity": granularity,
+        "convention": "mean_one",
+    }
+
+
+NAN_VARIANTS: dict[str, dict[str, str]] = {
+    "nan theta/model": _nan("finetuned", "model"),
+    "nan theta/tensor": _nan("finetuned", "tensor"),
+    "nan tau/model": _nan("task_vector", "model"),
+    "nan tau/tensor": _nan("task_vector", "tensor"),
+}
+COEFFICIENTS: tuple[str, ...] = (UNIFORM, *NAN_VARIANTS, ORACLE)
+
+State = dict[str, torch.Tensor]
+Scores = dict[str, float]
+
+
+def recipe(
+    models: ModelSet, method: str, coefficients: str, params: Mapping[str, Any], seed: int
+) -> dict[str, Any]:
+    """The recipe dict a user would write; the oracle uses manual weights n_i / mean n."""
+    entries: list[dict[str, Any]] = [{"path": str(p)} for p in models.models]
+    coef_spec: Any = NAN_VARIANTS.get(coefficients, coefficients)
+    if coefficients == ORACLE:
+        mean_n = sum(models.data_sizes) / len(models.data_sizes)
+        for entry, n in zip(entries, models.data_sizes, strict=False):
+            entry["coefficient"] = n / mean_n
+        coef_spec = "manual"
+    return {
+        "base": str(models.base),
+        "models": entries,
+        "method": method,
+        "parameters": dict(params),
+        "coefficients": coef_spec,
+        "seed": seed,
+    }
+
+
+def merge_state(
+    models: ModelSet, method: str, coefficients: str, params: Mapping[str, Any], seed: int
+) -> State:
+    """The merged state dict, in memory: a recipe without `output` writes nothing."""
+    result = nanmerge.merge(recipe(models, method, coefficients, params, seed))
+    return {k: v for k, v in result.items()}
+
+
+def estimate(models: ModelSet, coefficients: str) -> Coefficients:
+    """The coefficients alone; the method only has to be one that accepts a base and M models."""
+    return nanmerge.estimate_coefficients(
+        recipe(models, "task_arithmetic", coefficients, {}, seed=0)
+    )
+
+
+def method_params(method: str) -> dict[str, Any]:
+    """The method's published defaults, as the registry states them."""
+    return dict(nanmerge.METHODS[method].params)
+
+
+def sweep(
+    models: ModelSet,
+    methods: Sequence[str],
+    scale_grid: Sequence[float],
+    seed: int,
+    validate: Callable[[State], float],
+    test: Callable[[State], Scores],
+    bar: tqdm | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for each method x coefficient variant; `validate` is higher-is-better.
+
+    The best scale is chosen by `validate` alone; `test` is computed for every grid point only
+    so that the chosen point can be reported without merging twice.
+    """
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        params = method_params(method)
+        for coef in COEFFICIENTS:
+            if "scale" not in params:
+                state = merge_state(models, method, coef, params, seed)
+                rows.append(_row(method, coef, "-", None, validate(state), test(state)))
+                _tick(bar)
+                continue
+            default = float(params["scale"])
+            scored: list[tuple[float, float, Scores]] = []
+            for scale in sorted({default, *scale_grid}):
+                state = merge_state(models, method, coef, {**params, "scale": scale}, seed)
+                scored.append((scale, validate(state), test(state)))
+                _tick(bar)
+            at_default = next(s for s in scored if s[0] == default)
+            best = max(scored, key=lambda s: s[1])
+            rows.append(_row(method, coef, "default", *at_default))
+            rows.append(_row(method, coef, "best", *best))
+    return rows
+
+
+def sweep_size(methods: Sequence[str], scale_grid: Sequence[float]) -> int:
+    """How many merges `sweep` runs, for the progress bar."""
+    total = 0
+    for method in methods:
+        params = method_params(method)
+        points = len({float(params["scale"]), *scale_grid}) if "scale" in params else 1
+        total += points * len(COEFFICIENTS)
+    return total
+
+
+def _tick(bar: tqdm | None) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _row(
+    method: str, coef: str, scale_mode: str, scale: float | None, val: float, scores: Scores
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "coefficients": coef,
+        "scale_mode": scale_mode,
+        "scale": scale,
+        "val": val,
+        **scores,
+    }
