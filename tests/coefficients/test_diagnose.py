@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nanmerge._types import Coefficients
+from nanmerge._types import Coefficients, MergeError
 from nanmerge.coefficients._diagnose import diagnose, spearman
 
 
@@ -96,5 +96,5 @@ def test_per_tensor_deviation_is_reported() -> None:
 
 
 def test_data_sizes_must_match_the_models() -> None:
-    with pytest.raises(ValueError, match="2 data sizes for 3 models"):
+    with pytest.raises(MergeError, match="2 data sizes for 3 models"):
         diagnose(_coefs((1.0, 1.0, 1.0)), data_sizes=[1, 2])

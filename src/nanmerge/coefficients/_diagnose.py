@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from nanmerge._types import Coefficients
+from nanmerge._types import Coefficients, MergeError
 
 NEAR_UNIFORM = 0.02
 STRONG_RANK = 0.5
@@ -95,7 +95,7 @@ def diagnose(
     """
     n_models = len(coefficients.models)
     if data_sizes is not None and len(data_sizes) != n_models:
-        raise ValueError(
+        raise MergeError(
             f"got {len(data_sizes)} data sizes for {n_models} models "
             f"({', '.join(coefficients.models)}); give one size per model, in the same order"
         )
