@@ -159,3 +159,26 @@ def test_console_script_is_installed_and_runs() -> None:
     exe = Path(sys.executable).parent / "nanmerge"
     result = subprocess.run([str(exe), "methods"], capture_output=True, text=True, check=True)
     assert "task_arithmetic" in result.stdout
+
+
+def test_coefficients_diagnose_prints_a_verdict_and_rejects_bad_sizes(
+    family: Family, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(family.base),
+                "models": [str(p) for p in family.models],
+                "method": "ties",
+                "coefficients": "nan",
+            }
+        )
+    )
+    ok = CliRunner().invoke(main, ["coefficients", str(recipe), "--data-sizes", "10,100,1000"])
+    assert ok.exit_code == 0, ok.output
+    assert "diagnosis:" in ok.output and "rank" in ok.output.lower()
+    bad = CliRunner().invoke(main, ["coefficients", str(recipe), "--data-sizes", "10,100"])
+    assert bad.exit_code == 2 and "2 data sizes for 3 models" in bad.output
+    junk = CliRunner().invoke(main, ["coefficients", str(recipe), "--data-sizes", "a,b,c"])
+    assert junk.exit_code == 2 and "comma-separated numbers" in junk.output
