@@ -17,7 +17,18 @@ ALLOWED = {
     "io": {"_types", "io"},
     "engine": {"_types", "_version", "io", "coefficients", "methods", "config", "engine"},
     "config": {"_types", "config", "_mergekit"},
-    "cli": {"_types", "config", "engine", "cli", "coefficients", "methods", "io", "bench"},
+    "cli": {
+        "_types",
+        "config",
+        "engine",
+        "cli",
+        "coefficients",
+        "methods",
+        "io",
+        "bench",
+        "statistics",
+    },
+    "statistics": {"_types"},
 }
 
 
@@ -59,6 +70,6 @@ def test_readme_names_every_method_and_command() -> None:
     assert "make demo" in readme and "make test" in readme
     for name in METHODS:
         assert f"`{name}`" in readme, name
-    for command in ("run", "merge", "coefficients", "methods"):
+    for command in ("run", "merge", "coefficients", "methods", "stats"):
         assert command in main.commands
         assert f"nanmerge {command}" in readme, command

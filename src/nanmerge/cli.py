@@ -47,12 +47,14 @@ def _field_option(name: str) -> click.Option:
         return click.Option([flag], is_flag=True, default=None, help=help_text)
     if typing.get_origin(kind) is typing.Literal:
         return click.Option([flag], type=click.Choice(typing.get_args(kind)), help=help_text)
+    if typing.get_origin(kind) is list:
+        return click.Option([flag], multiple=True, help=f"{help_text} (repeat)")
     click_type: Any = {int: int, Path: click.Path(path_type=Path)}.get(kind, str)
     return click.Option([flag], type=click_type, default=None, help=help_text)
 
 
 def _recipe_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    data = {k: v for k, v in flags.items() if k in Recipe.model_fields and v is not None}
+    data = {k: v for k, v in flags.items() if k in Recipe.model_fields and v not in (None, ())}
     data["models"] = list(flags["model"])
     if flags["coefficient"]:
         if len(flags["coefficient"]) != len(flags["model"]):
@@ -81,6 +83,15 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"{report['method']['name']} in {sum(report['timings_s'].values()):.1f} s; "
         f"memory bound {mem['bound_bytes'] / 2**20:.1f} MiB; output {report['output']['path']}"
     )
+    lora = report["output"].get("lora")
+    if lora is not None:
+        click.echo(
+            f"LoRA adapter of rank {lora['rank']}: {len(lora['tensors'])} matrices, largest "
+            f"relative error {lora['max_relative_error']:.2e}; {len(lora['stored_full'])} "
+            "tensors stored in full"
+        )
+        for note in lora["notes"]:
+            click.echo(f"note: {note}")
 
 
 def _coefficient_table(coefs: Coefficients) -> str:
@@ -106,7 +117,34 @@ def main() -> None:
     """nanmerge: merge fine-tuned models with norm-aware (NAN) coefficients."""
 
 
-def _run_merge(recipe: Recipe, quiet: bool) -> None:
+def _plan_details(report: dict[str, Any]) -> str:
+    """--verbose: the plan's counts and memory bound, and layer-wise coefficients per tensor."""
+    tensors, mem = report["tensors"], report["memory"]
+    lines = [
+        f"plan: {tensors['total']} tensors: {tensors['merged']} merged, "
+        f"{tensors['copied_from_reference']} copied from the reference, "
+        f"{len(tensors['filled_from_base'])} filled from the base",
+        f"memory bound: {mem['bound_bytes'] / 2**20:.1f} MiB ({mem['bound_bytes']:,} bytes) = "
+        f"{mem['formula']}; largest tensor '{mem['largest_tensor']}' "
+        f"({mem['largest_tensor_float32_bytes']:,} bytes), M = {mem['models']}, "
+        f"threads = {mem['threads']}; peak RSS {mem['peak_rss_bytes'] / 2**20:.1f} MiB",
+    ]
+    per_tensor = report["coefficients"]["per_tensor"]
+    if per_tensor:
+        width = max(len(name) for name in per_tensor)
+        models = report["coefficients"]["models"]
+        lines.append("coefficients per tensor (one column per model, in order):")
+        lines += [f"  model {i}: {m}" for i, m in enumerate(models)]
+        lines += [
+            f"  {name:<{width}}  " + "  ".join(f"{c:10.6f}" for c in values)
+            for name, values in per_tensor.items()
+        ]
+    return "\n".join(lines)
+
+
+def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
+    if quiet and verbose:
+        _fail(MergeError("--quiet and --verbose contradict each other; pass one"))
     if recipe.output is None:
         _fail(MergeError("the recipe has no `output`; set one or pass --output"))
     try:
@@ -116,6 +154,8 @@ def _run_merge(recipe: Recipe, quiet: bool) -> None:
         return
     if not quiet:
         _print_summary(result)
+    if verbose:
+        click.echo(_plan_details(result))
 
 
 @main.command()
@@ -123,18 +163,31 @@ def _run_merge(recipe: Recipe, quiet: bool) -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="override the recipe's output")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars or summary")
-def run(recipe: Path, output: Path | None, overwrite: bool, quiet: bool) -> None:
+@click.option("--verbose", is_flag=True, help="also print the plan and per-tensor coefficients")
+@click.option(
+    "--allow-downloads", is_flag=True, help="download Hugging Face repo ids missing from the cache"
+)
+def run(
+    recipe: Path,
+    output: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    verbose: bool,
+    allow_downloads: bool,
+) -> None:
     """Merge as RECIPE (a YAML file) says."""
     try:
         r = load_recipe(recipe)
         updates = {"overwrite": True} if overwrite else {}
+        if allow_downloads:
+            updates["allow_downloads"] = True
         if output is not None:
             updates["output"] = output  # type: ignore[assignment]
         r = load_recipe({**r.model_dump(), **updates})
     except MergeError as exc:
         _fail(exc)
         return
-    _run_merge(r, quiet)
+    _run_merge(r, quiet, verbose)
 
 
 def _merge_command() -> click.Command:
@@ -162,6 +215,9 @@ def _merge_command() -> click.Command:
             help="estimator option KEY=VALUE, e.g. norm_of=task_vector (repeat)",
         ),
         click.Option(["--quiet"], is_flag=True, help="no progress bars or summary"),
+        click.Option(
+            ["--verbose"], is_flag=True, help="also print the plan and per-tensor coefficients"
+        ),
     ]
 
     def callback(**flags: Any) -> None:
@@ -170,7 +226,7 @@ def _merge_command() -> click.Command:
         except MergeError as exc:
             _fail(exc)
             return
-        _run_merge(r, flags["quiet"])
+        _run_merge(r, flags["quiet"], flags["verbose"])
 
     return click.Command(
         "merge",
@@ -225,6 +281,27 @@ def coefficients(
         click.echo("\n".join(f"  - {line}" for line in diagnosis["verdict"]))
 
 
+@main.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option(
+    "--allow-downloads", is_flag=True, help="download a Hugging Face repo id missing from the cache"
+)
+def inspect_command(path: str, as_json: bool, quiet: bool, allow_downloads: bool) -> None:
+    """Tensor names, shapes, dtypes, L2 norms and total size of PATH (any model input)."""
+    from nanmerge.io import format_inspection, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(
+            path, allow_downloads=allow_downloads, progress=not quiet and not as_json
+        )
+    except MergeError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def methods(as_json: bool) -> None:
@@ -236,6 +313,7 @@ def methods(as_json: bool) -> None:
             "parameters": spec.params,
             "needs_base": spec.needs_base,
             "models": [spec.min_models, spec.max_models],
+            "statistics": list(spec.statistics),
             "reference": spec.reference,
         }
         for name, spec in METHODS.items()
@@ -287,3 +365,28 @@ def bench(suite: str, seeds: int, size: str, out: Path | None, cache: Path, quie
         progress=not quiet,
     )
     click.echo(f"report: {result['report']}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--kind", type=click.Choice(["fisher", "gram"]), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="safetensors file")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def stats(source: str, kind: str, out: Path, quiet: bool) -> None:
+    """Compute one model's Fisher or Gram statistics for the fisher / regmean methods.
+
+    SOURCE is MODULE:FUNCTION or FILE.py:FUNCTION, a function of yours that returns
+    (model, batches): the fine-tuned model and batches of its task's inputs (or
+    (inputs, labels) pairs). Run once per model; list the files under `statistics`.
+    """
+    from nanmerge.statistics import Kind, compute_statistics, load_source, save_statistics
+
+    chosen = typing.cast(Kind, kind)
+    try:
+        model, batches = load_source(source)
+        result = compute_statistics(model, batches, kind=chosen, progress=not quiet)
+    except MergeError as exc:
+        _fail(exc)
+        return
+    path = save_statistics(result, out, kind=chosen)
+    click.echo(f"{kind} statistics of {len(result)} tensors written to {path}")

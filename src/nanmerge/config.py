@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nanmerge._mergekit import from_mergekit
 from nanmerge._types import MergeError
 
 ModelSource = Any
@@ -68,12 +69,29 @@ class Recipe(BaseModel):
     threads: int = Field(
         0, ge=0, description="tensors loaded ahead in background threads (more memory)"
     )
+    device: str = Field(
+        "cpu", description="torch device for the arithmetic, e.g. cpu, cuda, cuda:1"
+    )
     missing_tensors: Literal["error", "base", "skip"] = Field(
         "error",
         description="a tensor absent from some inputs: error, take the base's, or skip it",
     )
     copy_files_from: str | None = Field(
-        None, description="folder whose config/tokenizer files are copied (default: base)"
+        None,
+        description="folder or Hugging Face repo id whose config/tokenizer files are copied "
+        "(default: base)",
+    )
+    allow_downloads: bool = Field(
+        False, description="download Hugging Face repo ids missing from the local hub cache"
+    )
+    output_format: Literal["full", "lora"] = Field(
+        "full", description="write the merged model (full) or its delta from base as a LoRA adapter"
+    )
+    rank: int | None = Field(None, ge=1, description="LoRA rank for output_format: lora")
+    statistics: list[str] | None = Field(
+        None,
+        description="per-model statistics files (safetensors from nanmerge.statistics, one per "
+        "model, same order) for data-informed methods: fisher, regmean",
     )
 
     @field_validator("base")
@@ -93,6 +111,17 @@ class Recipe(BaseModel):
     @classmethod
     def _estimator_name(cls, value: Any) -> Any:
         return {"estimator": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _lora_output(self) -> Recipe:
+        if self.output_format == "lora" and (self.rank is None or self.base is None):
+            raise ValueError(
+                "output_format: lora writes the merge minus `base` as a LoRA adapter of rank "
+                "`rank`; set both"
+            )
+        if self.output_format == "full" and self.rank is not None:
+            raise ValueError("`rank` applies only to output_format: lora")
+        return self
 
 
 def _describe(error: Any) -> str:
@@ -124,6 +153,8 @@ def load_recipe(source: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
         where = str(path)
     else:
         data = source
+    if "merge_method" in data:  # mergekit's schema
+        data = from_mergekit(data, where=where)
     try:
         return Recipe.model_validate(dict(data))
     except ValidationError as exc:

@@ -181,6 +181,10 @@ def test_report_and_model_card_describe_the_merge(family: Family, tmp_path: Path
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "nanmerge" in card and "tags:" in card
+    front = card.split("---\n")[1]
+    assert "library_name: transformers" in front
+    assert "base_model" not in front  # a local path is not a Hub repo id; the body names it
+    assert str(family.base) in card
 
 
 def test_in_memory_state_dicts_are_accepted(family: Family) -> None:

@@ -219,12 +219,17 @@ def test_truncated_torch_file_raises_naming_file(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-def test_missing_path_says_not_found_with_hint(tmp_path: Path) -> None:
+def test_missing_path_says_not_found_with_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(MergeError, match=f"checkpoint not found: {missing}") as info:
         open_checkpoint(missing)
-    assert "repo ids are not supported yet" in str(info.value)
-    with pytest.raises(MergeError, match="checkpoint not found: org/model"):
+    assert "ORG/NAME" in str(info.value)
+    # A repo-id-shaped name is looked up in the hub cache (tests/io/test_hub.py has the rest).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(MergeError, match="'org/model' is not in the local cache"):
         open_checkpoint("org/model")
 
 

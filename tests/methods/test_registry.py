@@ -16,6 +16,8 @@ ALL = {
     "dare_ties",
     "breadcrumbs",
     "slerp",
+    "fisher",
+    "regmean",
 }
 
 
@@ -41,7 +43,7 @@ def test_params_are_the_keyword_only_hyperparameters_with_defaults() -> None:
 
 def test_base_and_model_count_requirements() -> None:
     needs_base = {n for n, s in METHODS.items() if s.needs_base}
-    assert needs_base == ALL - {"weight_average", "slerp"}
+    assert needs_base == ALL - {"weight_average", "slerp", "fisher", "regmean"}
     slerp = get_method("slerp")
     assert (slerp.min_models, slerp.max_models) == (2, 2)
     assert {n for n, s in METHODS.items() if s.uses_generator} == {"dare_linear", "dare_ties"}

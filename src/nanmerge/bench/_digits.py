@@ -10,8 +10,9 @@ scenarios decide whether that difference shows up in the norms at all.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import nanmerge
+from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import (
     ModelSet,
     cache_folder,
@@ -258,6 +260,7 @@ class _Problem:
     val: _Eval
     test: _Eval
     steps: list[int]
+    train_inputs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _build(
@@ -290,15 +293,17 @@ def _build(
     paths = [folder / f"{task.name}.safetensors" for task in tasks]
     # Heads are written last, so their file marks a complete scenario; otherwise retrain all.
     cached = heads_path.exists() and all(p.exists() for p in paths)
+    train_inputs = []
     for i, (task, n, n_steps, path) in enumerate(zip(tasks, sizes, steps, paths, strict=True)):
         if bar is not None:
             bar.update(1)
+        pick = np.random.default_rng([seed, 3, i]).permutation(pool)[:n]
+        train = _task_split(task, images[pick], labels[pick])
+        train_inputs.append(train.x)  # unlabeled inputs for the data-informed methods
         if cached:
             continue
         gen = torch.Generator().manual_seed(seed * 1000 + 100 + i)
         torch.manual_seed(seed * 1000 + 100 + i)
-        pick = np.random.default_rng([seed, 3, i]).permutation(pool)[:n]
-        train = _task_split(task, images[pick], labels[pick])
         if scenario == "d_noisy_labels" and i % 2 == 1:
             noisy = torch.rand(n, generator=gen) < size.noisy_fraction
             train.y[noisy] = torch.randint(task.classes, (int(noisy.sum()),), generator=gen)
@@ -320,6 +325,7 @@ def _build(
         _Eval.of({t.name: _task_split(t, images[val_idx], labels[val_idx]) for t in tasks}),
         _Eval.of({t.name: _task_split(t, images[test_idx], labels[test_idx]) for t in tasks}),
         steps,
+        train_inputs,
     )
 
 
@@ -351,11 +357,13 @@ def _scores(accuracies: dict[str, float]) -> dict[str, float]:
 
 
 def merge_methods(tasks: int) -> list[str]:
-    """Every registered method that accepts this many models."""
+    """Every registered method that accepts this many models and needs no data statistics."""
     return [
         name
         for name, spec in nanmerge.METHODS.items()
-        if spec.min_models <= tasks and (spec.max_models is None or spec.max_models >= tasks)
+        if spec.min_models <= tasks
+        and (spec.max_models is None or spec.max_models >= tasks)
+        and not spec.statistics
     ]
 
 
@@ -430,6 +438,46 @@ def _pair_rows(
     for row in rows:
         row["method"] = f"{row['method']} {PAIR_LABEL}"
     return rows
+
+
+class _WithHead(Backbone):
+    """A fine-tuned backbone with its task's frozen head: what Fisher is computed on."""
+
+    def __init__(self, size: DigitsSize, state: dict[str, torch.Tensor], head: nn.Linear) -> None:
+        super().__init__(size.hidden)
+        self.load_state_dict(state)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(super().forward(x))
+        return out
+
+
+def _data_informed_rows(
+    size: DigitsSize, problem: _Problem, seed: int, bar: tqdm | None
+) -> list[dict[str, Any]]:
+    """fisher and regmean, each model's statistics computed on its own task's training inputs."""
+    names = problem.models.names
+    modules = [
+        _WithHead(size, load_checkpoint(path), problem.heads[name])
+        for name, path in zip(names, problem.models.models, strict=True)
+    ]
+    with tempfile.TemporaryDirectory(prefix="nanmerge-statistics-") as folder:
+        files = _data_informed.statistics_files(
+            problem.models, modules, problem.train_inputs, Path(folder)
+        )
+        validate = _scorer(size, problem, problem.val, names, METRIC)
+        test = _scorer(size, problem, problem.test, names, None)
+        rows = _data_informed.rows(problem.models, files, seed, validate, test, bar)
+        # AdaMerging learns on the validation inputs without their labels (never on test), one
+        # batch of 50 per task and step; steps scale with the fine-tuning budget (100 at full).
+        pretrained = load_checkpoint(problem.models.base)
+        heads = [_WithHead(size, pretrained, problem.heads[name]) for name in names]
+        unlabeled = [list(problem.val.x[problem.val.slices[name]].split(50)) for name in names]
+        steps = max(5, size.budget_steps // 3)
+        return rows + _data_informed.adamerging_rows(
+            problem.models, heads, unlabeled, steps, seed, Path(folder), validate, test, bar
+        )
 
 
 def _fixed_rows(size: DigitsSize, problem: _Problem) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ pretrained solution (shrinkage makes small-data task vectors small, reversing th
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import ModelSet, cache_folder, save_checkpoint
 from nanmerge.bench._evaluate import problem_info
 from nanmerge.bench._merging import State, sweep, sweep_size
+from nanmerge.statistics import save_statistics
 
 METHODS = ("weight_average", "task_arithmetic")
 # family -> (noise multiplier, solver): `ols_noisy` is the regime where the derivation's
@@ -165,6 +169,32 @@ def run_seed(
         rows.extend(family_rows)
         infos.append({"problem": family, "seed": seed, **problem_info(models)})
     return rows, infos
+
+
+def _regmean_rows(
+    models: ModelSet,
+    train: list[tuple[np.ndarray, np.ndarray]],
+    seed: int,
+    validate: Callable[[State], float],
+    test: Callable[[State], dict[str, float]],
+    bar: tqdm | None,
+) -> list[dict[str, Any]]:
+    """RegMean (alpha 1) from each task's Gram X_i^T X_i of its features and, for the bias
+    (its own tensor), the Gram of the constant feature: n_i. Exact up to the features-constant
+    cross term that a per-tensor merge drops (zero for centered features): ratio ~1.0001."""
+    with tempfile.TemporaryDirectory(prefix="nanmerge-statistics-") as folder:
+        grams = []
+        for name, (a, _) in zip(models.names, train, strict=True):
+            x = torch.tensor(a[:, :-1])
+            path = Path(folder) / f"{name}.gram.safetensors"
+            stats = {
+                "linear.weight": (x.T @ x).float(),
+                "linear.bias": torch.tensor([[float(len(a))]]),
+            }
+            grams.append(save_statistics(stats, path, kind="gram"))
+        return _data_informed.rows(
+            models, {"regmean": grams}, seed, validate, test, bar, {"regmean": {"alpha": 1.0}}
+        )
 
 
 def _fixed_row(label: str, ratio: float) -> dict[str, Any]:

@@ -8,9 +8,20 @@ import torch
 
 from nanmerge._types import TensorStats
 
+_BLOCK = 4096
+
 
 def _sumsq(x: torch.Tensor) -> float:
-    return float(torch.sum(torch.square(x), dtype=torch.float64))
+    """Norms of 4096-entry blocks (vectorised, no squared copy), squared and summed in float64.
+
+    Non-finite entries make the result non-finite, which the engine uses as its check.
+    """
+    flat = x.reshape(-1)
+    whole = flat.numel() - flat.numel() % _BLOCK
+    blocks = [flat[:whole].view(-1, _BLOCK), flat[whole:].view(1, -1)]
+    return sum(
+        float(torch.linalg.vector_norm(b, dim=1).to(torch.float64).square().sum()) for b in blocks
+    )
 
 
 def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> TensorStats:
@@ -21,7 +32,11 @@ def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> Ten
     to rank models whose norms differ by well under a percent.
     """
     finetuned = tuple(_sumsq(t) for t in tensors)
-    task_vector = None if base is None else tuple(_sumsq(t - base) for t in tensors)
+    task_vector = None
+    if base is not None:
+        # one buffer for every model's tau_i
+        scratch = torch.empty_like(tensors[0], dtype=torch.result_type(tensors, base))
+        task_vector = tuple(_sumsq(torch.sub(t, base, out=scratch)) for t in tensors)
     return TensorStats(tensors[0].numel(), finetuned, task_vector)
 
 

@@ -15,7 +15,8 @@ from pydantic import ConfigDict, ValidationError, create_model
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
 from nanmerge.coefficients import EstimatorSpec, get_estimator
 from nanmerge.config import Recipe
-from nanmerge.io import open_checkpoint
+from nanmerge.engine._statistics import Statistics, open_statistics
+from nanmerge.io import model_folder, open_model
 from nanmerge.methods import MethodSpec, check_params, count_problem, get_method
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +38,8 @@ class Plan:
     entries: list[tuple[str, TensorMeta]]
     merged: set[str]
     fill_from_base: dict[str, list[int]] = field(default_factory=dict)
+    copy_files_from: Path | None = None
+    statistics: Statistics | None = None
 
     @property
     def reference(self) -> Checkpoint:
@@ -141,15 +144,15 @@ def _check_output(recipe: Recipe, problems: list[str]) -> None:
 def _open_inputs(
     recipe: Recipe, problems: list[str]
 ) -> tuple[Checkpoint | None, list[Checkpoint | None]]:
-    def attempt(source: Any) -> Checkpoint | None:
-        try:
-            return open_checkpoint(source)
+    def attempt(source: Any, base: Checkpoint | None = None) -> Checkpoint | None:
+        try:  # a LoRA adapter among the models is read over the base
+            return open_model(source, base=base, allow_downloads=recipe.allow_downloads)
         except MergeError as exc:
             problems.append(str(exc))
             return None
 
     base = None if recipe.base is None else attempt(recipe.base)
-    return base, [attempt(m.path) for m in recipe.models]
+    return base, [attempt(m.path, base) for m in recipe.models]
 
 
 def _display_names(models: list[Checkpoint]) -> tuple[str, ...]:
@@ -217,6 +220,25 @@ def _layout(
     return entries, merged, fill
 
 
+def _check_device(recipe: Recipe, problems: list[str]) -> None:
+    """The merge's device must exist here before any tensor is read."""
+    try:
+        device = torch.device(recipe.device)
+    except RuntimeError:
+        problems.append(f"device: '{recipe.device}' is not a torch device; use cpu or cuda")
+        return
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    count = getattr(backend, "device_count", lambda: 0)
+    if is_available is None or not is_available() or (device.index or 0) >= count():
+        problems.append(
+            f"device: {recipe.device} is not available to torch {torch.__version__} on this "
+            "machine; set device: cpu (the default), or install a torch build for that device"
+        )
+
+
 def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     """Check the recipe and every input; raise one MergeError that lists every problem."""
     problems: list[str] = []
@@ -224,14 +246,21 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     estimator, options = _resolve_estimator(recipe, problems)
     if for_output:
         _check_output(recipe, problems)
-    if recipe.copy_files_from is not None and not Path(recipe.copy_files_from).is_dir():
-        problems.append(f"copy_files_from: {recipe.copy_files_from} is not a folder")
+    _check_device(recipe, problems)
+    copy_from = None
+    if recipe.copy_files_from is not None:
+        try:
+            copy_from = model_folder(recipe.copy_files_from, allow_downloads=recipe.allow_downloads)
+        except MergeError as exc:
+            problems.append(f"copy_files_from: {exc}")
     base, maybe_models = _open_inputs(recipe, problems)
     models = [m for m in maybe_models if m is not None]
     opened = [c for c in [base, *models] if c is not None]
+    statistics = None
     try:
         if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
             entries, merged, fill = _layout(recipe, base, models, problems)
+            statistics = open_statistics(recipe, method, entries, merged, problems)
         _fail(problems)
     except BaseException:
         for ckpt in opened:
@@ -249,4 +278,6 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         entries=entries,
         merged=merged,
         fill_from_base=fill,
+        copy_files_from=copy_from,
+        statistics=statistics,
     )

@@ -21,7 +21,7 @@ from nanmerge.coefficients import model_norms, near_uniform_warning
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._plan import Plan, plan
 from nanmerge.engine._stream import merge_stream, norm_pass
-from nanmerge.io import NON_WEIGHT_FILES, ModelWriter, parse_size
+from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
 
 RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
 _MAX_WARNINGS = 12
@@ -76,8 +76,11 @@ def memory_bound(p: Plan) -> dict[str, Any]:
     Per tensor being worked on: the M float32 copies, the float32 base and one raw read buffer
     (M + 2), plus the method's float32 workspace (task vectors, magnitudes, masks: at most
     6M + 2 for TIES/DARE). Each loader thread may hold one more such working set (loaded
-    tensors, and freed memory its allocator arena keeps). Measured on 4 MiB tensors with
-    M = 3: at most 22 L with threads = 0 and 32 L with threads = 1 (bounds 25 L and 50 L).
+    tensors, and freed memory its allocator arena keeps); with threads > 0 the writer thread
+    also holds up to two merged tensors (2 L at most), within that allowance. Growth measured
+    with M = 3, TIES/DARE/task arithmetic (see docs/PERFORMANCE.md): 256 KiB tensors, at most
+    20 L, 44 L and 51 L with threads = 0, 1, 2 (bounds 25 L, 50 L, 75 L: per-thread malloc
+    arenas keep freed small blocks); 64 MiB tensors, at most 16 L, 20 L and 24 L.
     The writer buffers no shard: each tensor goes to disk as it is merged.
     """
     m = len(p.models)
@@ -122,6 +125,7 @@ def _report(
             "parameters": p.params,
             "reference": p.method.reference,
         },
+        "statistics": None if p.statistics is None else p.statistics.summary(),
         "coefficients": coefficients.to_json(),
         "tensors": {
             "total": len(p.entries),
@@ -141,9 +145,14 @@ def _report(
 
 
 def _model_card(report: dict[str, Any]) -> str:
-    front = {"library_name": "transformers", "tags": ["merge", "nanmerge"]}
-    if report["inputs"]["base"]:
-        front["base_model"] = report["inputs"]["base"]
+    lora = report["recipe"].get("output_format") == "lora"
+    front = {"library_name": "peft" if lora else "transformers", "tags": ["merge", "nanmerge"]}
+    base = report["inputs"]["base"]
+    if base:
+        # The Hub's base_model must be a repo id (no revision); a local base is named below.
+        repo = None if Path(base).exists() else parse_repo_id(base)
+        if repo is not None:
+            front["base_model"] = repo.repo_id
     coefs = report["coefficients"]
     rows = "\n".join(
         f"| {name} | {'layer-wise' if coefs['coefficients'] is None else f'{c:.4f}'} |"
@@ -152,18 +161,20 @@ def _model_card(report: dict[str, Any]) -> str:
         )
     )
     recipe = yaml.safe_dump(report["recipe"], sort_keys=False)
+    over = f", over the base model `{base}`" if base else ""
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# Merged model\n\nMerged with nanmerge {__version__} using "
         f"`{report['method']['name']}` ({report['method']['reference']}) and "
-        f"`{coefs['estimator']}` coefficients.\n\n| model | coefficient |\n|---|---|\n{rows}\n\n"
+        f"`{coefs['estimator']}` coefficients{over}.\n\n"
+        f"| model | coefficient |\n|---|---|\n{rows}\n\n"
         f"## Recipe\n\n```yaml\n{recipe}```\n\nFull details: `merge_report.json`.\n"
     )
 
 
 def _copy_source(p: Plan) -> Path | None:
-    if p.recipe.copy_files_from is not None:
-        return Path(p.recipe.copy_files_from)
+    if p.copy_files_from is not None:
+        return p.copy_files_from
     for ckpt in [p.base, *p.models]:
         folder = getattr(ckpt, "folder", None)
         if folder is not None:
@@ -188,12 +199,25 @@ def merge(
             state: dict[str, torch.Tensor] = {}
             merge_stream(p, coefficients, state.__setitem__, progress=progress)
             return state
-        writer = ModelWriter(
-            r.output,
-            p.entries,
-            max_shard_size=parse_size(r.max_shard_size),
-            overwrite=r.overwrite,
-            metadata={"merged_with": f"nanmerge {__version__}", "method": p.method.name},
+        metadata = {"merged_with": f"nanmerge {__version__}", "method": p.method.name}
+        writer = (
+            ModelWriter(
+                r.output,
+                p.entries,
+                max_shard_size=parse_size(r.max_shard_size),
+                overwrite=r.overwrite,
+                metadata=metadata,
+            )
+            if r.output_format == "full"
+            else LoraWriter(  # the recipe check guarantees a base and a rank
+                r.output,
+                p.entries,
+                rank=r.rank or 0,
+                base=p.reference,
+                base_model_name_or_path=p.reference.source,
+                overwrite=r.overwrite,
+                metadata=metadata,
+            )
         )
         with writer:
             start = time.perf_counter()
@@ -202,6 +226,8 @@ def merge(
             _finish(coefficients, stats)
             report = _report(p, coefficients, timings, extra)
             report["output"] = {"path": str(r.output), "weight_files": list(writer.shard_names)}
+            if isinstance(writer, LoraWriter):
+                report["output"]["lora"] = writer.summary()
             source = _copy_source(p)
             if source is not None:
                 writer.copy_files(source, NON_WEIGHT_FILES)

@@ -1,12 +1,22 @@
-"""Stream: one pass over tensor names; load M (+ base) tensors, merge in float32, write, free."""
+"""Stream: one pass over tensor names; load M (+ base) tensors, merge in float32, write, free.
+
+With `threads` > 0 the three stages overlap: loader threads read and convert the next
+tensors while the main thread merges the current one and a writer thread writes the
+previous one (torch and file I/O release the GIL). Output order never changes.
+"""
 
 from __future__ import annotations
 
 import inspect
+import math
+import queue
+import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 from tqdm import tqdm
@@ -16,60 +26,201 @@ from nanmerge.coefficients import tensor_stats
 from nanmerge.engine._plan import Plan
 from nanmerge.methods import tensor_generator
 
+# Methods whose output entry depends only on the same entry of every input. They are merged
+# in chunks of CHUNK entries per model: every pass then runs on cache-sized, reused buffers
+# instead of fresh tensor-sized ones, and no float32 copy of the whole tensor is made.
+ELEMENTWISE = frozenset({"task_arithmetic", "weight_average"})
+CHUNK = 1 << 21
+
 
 @dataclass
 class Loaded:
-    """One tensor across the inputs: the float32 stack and base for floating tensors."""
+    """One tensor across the inputs, as read (source dtype, on the recipe's device).
+
+    `models` has one tensor per model (the base's where a model lacks it); `raw` is a
+    non-floating tensor copied from the reference unchanged.
+    """
 
     name: str
-    stack: torch.Tensor | None
+    models: list[torch.Tensor] | None
     base: torch.Tensor | None
     raw: torch.Tensor | None
 
 
 def _check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise MergeError(
             f"tensor '{name}' in {source} contains NaN or Inf ({bad} of {tensor.numel()} "
             "entries); that checkpoint is damaged or diverged: fix or re-export it"
         )
 
 
+def _chunks(item: Loaded) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
+    """The float32 (M, c) stack and (c,) base of successive chunks of the flattened tensor.
+
+    The two buffers are reused from chunk to chunk; on a GPU the whole tensor is one chunk.
+    """
+    assert item.models is not None
+    flat = [t.reshape(-1) for t in item.models]
+    base = None if item.base is None else item.base.reshape(-1)
+    numel, device = flat[0].numel(), flat[0].device
+    step = CHUNK if device.type == "cpu" else max(numel, 1)
+    stack = torch.empty((len(flat), min(step, numel)), dtype=torch.float32, device=device)
+    base_buffer = None if base is None else torch.empty_like(stack[0])
+    for begin in range(0, max(numel, 1), step):
+        end = min(begin + step, numel)
+        part = stack[:, : end - begin]
+        for row, tensor in zip(part, flat, strict=True):
+            row.copy_(tensor[begin:end])
+        base_part = None
+        if base is not None and base_buffer is not None:
+            base_part = base_buffer[: end - begin].copy_(base[begin:end])
+        yield part, base_part
+
+
+def checked_stats(plan: Plan, item: Loaded) -> TensorStats:
+    """The tensor's statistics, which double as the finiteness check of every input.
+
+    Computed chunk by chunk (the same way in the norm pass and in the merge, so both give
+    the same numbers). A sum of squares is finite exactly when every entry is (norms are
+    scaled against overflow), so the inputs are scanned entry by entry only when a sum is
+    not finite, to name the damaged one.
+    """
+    assert item.models is not None  # floating tensors always carry their models
+    finetuned = [0.0] * len(item.models)
+    task_vector = None if item.base is None else [0.0] * len(item.models)
+    for stack, base in _chunks(item):
+        part = tensor_stats(stack, base)
+        finetuned = [a + b for a, b in zip(finetuned, part.sumsq_finetuned, strict=True)]
+        if task_vector is not None and part.sumsq_task_vector is not None:
+            task_vector = [a + b for a, b in zip(task_vector, part.sumsq_task_vector, strict=True)]
+    st = TensorStats(
+        item.models[0].numel(),
+        tuple(finetuned),
+        None if task_vector is None else tuple(task_vector),
+    )
+    if not all(math.isfinite(s) for s in finetuned + (task_vector or [])):
+        if plan.base is not None and item.base is not None:
+            _check_finite(item.base.float(), item.name, plan.base.source)
+        for model, tensor in zip(plan.models, item.models, strict=True):
+            _check_finite(tensor.float(), item.name, model.source)
+    return st
+
+
+def merge_tensor(
+    plan: Plan, item: Loaded, coef: torch.Tensor, dtype: torch.dtype, **extra: object
+) -> torch.Tensor:
+    """Merge one tensor in float32 and cast it to `dtype`: chunk by chunk when the method is
+    elementwise, else over the whole (M, *shape) stack."""
+    assert item.models is not None
+    fn, params = plan.method.fn, {**plan.params, **extra}
+    shape, device = item.models[0].shape, item.models[0].device
+    if plan.method.name in ELEMENTWISE:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        flat, begin = out.reshape(-1), 0
+        for stack, base in _chunks(item):
+            end = begin + stack.shape[1]
+            flat[begin:end] = fn(stack, coef, base=base, **params)
+            begin = end
+        return out
+    stack = torch.empty((len(item.models), *shape), dtype=torch.float32, device=device)
+    for row, tensor in zip(stack, item.models, strict=True):
+        row.copy_(tensor)
+    base = None if item.base is None else item.base.to(torch.float32)
+    item.models = item.base = None  # the float32 copies replace what was read
+    return fn(stack, coef, base=base, **params).to(dtype)
+
+
 def load(plan: Plan, name: str) -> Loaded:
-    """Read one tensor from every input; non-floating tensors are copied from the reference."""
+    """Read one tensor from every input onto the recipe's device, in its stored dtype.
+
+    Non-floating tensors are copied from the reference unchanged.
+    """
     if name not in plan.merged:
         return Loaded(name, None, None, plan.reference[name])
-    base = None
-    if plan.base is not None:
-        base = plan.base[name].to(torch.float32)
-        _check_finite(base, name, plan.base.source)
-    shape = plan.reference.meta(name).shape
-    stack = torch.empty((len(plan.models), *shape), dtype=torch.float32)
+    device = torch.device(plan.recipe.device)
+    base = None if plan.base is None else plan.base[name].to(device)
     lacking = plan.fill_from_base.get(name, [])
-    for i, model in enumerate(plan.models):
-        if i in lacking and base is not None:
-            stack[i] = base
-            continue
-        stack[i] = model[name]
-        _check_finite(stack[i], name, model.source)
-    return Loaded(name, stack, base, None)
+    models = [
+        base if i in lacking and base is not None else model[name].to(device)
+        for i, model in enumerate(plan.models)
+    ]
+    return Loaded(name, models, base, None)
 
 
-def prefetch(names: list[str], fn: Callable[[str], Loaded], threads: int) -> Iterator[Loaded]:
+def prefetch(
+    names: list[str], fn: Callable[[str], Loaded], threads: int
+) -> Generator[Loaded, None, None]:
     """Yield fn(name) in order, with up to `threads` names loading ahead in the background."""
     if threads == 0:
         yield from (fn(n) for n in names)
         return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nanmerge-load") as pool:
         pending: deque[Future[Loaded]] = deque()
-        queue = iter(names)
-        for name in queue:
-            pending.append(pool.submit(fn, name))
-            if len(pending) > threads:
+        try:
+            for name in names:
+                pending.append(pool.submit(fn, name))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:
+            for future in pending:  # on an error, do not read what will never be merged
+                future.cancel()
+
+
+class _BackgroundSink:
+    """Hands (name, tensor) to `sink` from one writer thread, in order, one tensor queued.
+
+    An error in the sink is raised in the caller at its next `__call__` or at exit; an
+    error in the caller stops the writer without writing what is still queued.
+    """
+
+    def __init__(self, sink: Callable[[str, torch.Tensor], None]) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._drain, name="nanmerge-write", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:  # None: the caller is done
+            if self._error is None and not self._abandoned:
+                name, tensor = item
+                try:
+                    self._sink(name, tensor.to("cpu"))
+                except BaseException as exc:  # handed to the caller, see _raise
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise()
+        self._queue.put((name, tensor))
+
+    def __enter__(self) -> _BackgroundSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._abandoned = exc is not None
+        self._queue.put(None)
+        self._thread.join()
+        if exc is None:
+            self._raise()
+
+
+def _to_cpu(sink: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
+    return lambda name, tensor: sink(name, tensor.to("cpu"))
 
 
 def norm_pass(plan: Plan, *, progress: bool) -> dict[str, TensorStats]:
@@ -78,8 +229,7 @@ def norm_pass(plan: Plan, *, progress: bool) -> dict[str, TensorStats]:
     stats: dict[str, TensorStats] = {}
     bar = tqdm(total=len(names), desc="norms", unit="tensor", disable=not progress)
     for item in prefetch(names, lambda n: load(plan, n), plan.recipe.threads):
-        assert item.stack is not None  # floating tensors always carry a stack
-        stats[item.name] = tensor_stats(item.stack, item.base)
+        stats[item.name] = checked_stats(plan, item)
         bar.update()
     bar.close()
     return stats
@@ -92,27 +242,22 @@ def merge_stream(
     *,
     progress: bool,
 ) -> dict[str, TensorStats]:
-    """Merge tensor by tensor into `sink`; per-tensor estimators are evaluated on the way.
+    """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
+    estimators are evaluated on the way.
 
     Returns the statistics of every merged tensor (for the report's norms). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
     """
     per_tensor = plan.estimator.needs(plan.estimator_options) == "tensor"
-    fn = plan.method.fn
-    wants_generator = "generator" in inspect.signature(fn).parameters
+    wants_generator = "generator" in inspect.signature(plan.method.fn).parameters
     out_meta = dict(plan.entries)
     stats: dict[str, TensorStats] = {}
-    names = [n for n, _ in plan.entries]
-    bar = tqdm(
-        total=len(names), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
-    )
-    for item in prefetch(names, lambda n: load(plan, n), plan.recipe.threads):
-        if item.stack is None:
+
+    def merge_one(item: Loaded) -> torch.Tensor:
+        if item.models is None:
             assert item.raw is not None
-            sink(item.name, item.raw)
-            bar.update()
-            continue
-        st = tensor_stats(item.stack, item.base)
+            return item.raw
+        st = checked_stats(plan, item)
         stats[item.name] = st
         if per_tensor:
             part = plan.estimator.fn({item.name: st}, plan.model_names, **plan.estimator_options)
@@ -121,9 +266,19 @@ def merge_stream(
         extra = (
             {"generator": tensor_generator(plan.recipe.seed, item.name)} if wants_generator else {}
         )
-        coef = coefficients.for_tensor(item.name)
-        merged = fn(item.stack, coef, base=item.base, **plan.params, **extra)
-        sink(item.name, merged.to(out_meta[item.name].dtype))
-        bar.update()
+        coef = coefficients.for_tensor(item.name).to(item.models[0].device)
+        return merge_tensor(plan, item, coef, out_meta[item.name].dtype, **extra)
+
+    names = [n for n, _ in plan.entries]
+    bar = tqdm(
+        total=len(names), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
+    )
+    writer = _BackgroundSink(sink) if plan.recipe.threads > 0 else nullcontext(_to_cpu(sink))
+    loaded = prefetch(names, lambda n: load(plan, n), plan.recipe.threads)
+    with writer as write, closing(loaded):
+        for name in names:
+            # no name holds the inputs: they are freed before the result waits for the writer
+            write(name, merge_one(next(loaded)))
+            bar.update()
     bar.close()
     return stats

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from ._checkpoint import CheckpointReader
+from ._hub import HubRepo, hub_cache_dir, hub_snapshot, model_folder, parse_repo_id
+from ._inspect import format_inspection, inspect_checkpoint
+from ._lora import LoraAdapter, is_lora_adapter, open_model
+from ._lora_writer import LoraWriter
 from ._readers import ShardedCheckpoint, StateDictCheckpoint, TorchFile, open_checkpoint
 from ._safetensors import SafetensorsFile
 from ._writer import NON_WEIGHT_FILES, ModelWriter, parse_size
@@ -10,11 +14,22 @@ from ._writer import NON_WEIGHT_FILES, ModelWriter, parse_size
 __all__ = [
     "NON_WEIGHT_FILES",
     "CheckpointReader",
+    "HubRepo",
+    "LoraAdapter",
+    "LoraWriter",
     "ModelWriter",
     "SafetensorsFile",
     "ShardedCheckpoint",
     "StateDictCheckpoint",
     "TorchFile",
+    "format_inspection",
+    "hub_cache_dir",
+    "hub_snapshot",
+    "inspect_checkpoint",
+    "is_lora_adapter",
+    "model_folder",
     "open_checkpoint",
+    "open_model",
+    "parse_repo_id",
     "parse_size",
 ]

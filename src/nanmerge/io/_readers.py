@@ -14,6 +14,7 @@ import torch
 from nanmerge._types import MergeError, TensorMeta
 
 from ._checkpoint import CheckpointReader
+from ._hub import hub_snapshot, parse_repo_id
 from ._safetensors import SafetensorsFile
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -223,11 +224,14 @@ def _open_folder(folder: Path) -> CheckpointReader:
 
 def open_checkpoint(
     source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module,
+    *,
+    allow_downloads: bool = False,
 ) -> CheckpointReader:
     """Open a checkpoint for header-only inspection and tensor-by-tensor loading.
 
     `source` is a `.safetensors` or `.bin/.pt/.pth` file, a shard index, a Hugging Face
-    model folder, an in-memory state dict, or a module (its `state_dict()`).
+    model folder, a Hugging Face repo id (`org/name[@revision]`, from the hub cache; downloaded
+    only with `allow_downloads`), an in-memory state dict, or a module (its `state_dict()`).
     """
     if isinstance(source, torch.nn.Module):
         return StateDictCheckpoint(source.state_dict(), f"<{type(source).__name__} module>")
@@ -238,8 +242,12 @@ def open_checkpoint(
         return _open_folder(path)
     if path.is_file():
         return _open_file(path)
+    repo = parse_repo_id(str(source)) if isinstance(source, str) else None
+    if repo is not None:
+        reader = open_checkpoint(hub_snapshot(repo, allow_downloads=allow_downloads))
+        reader.source = str(repo)
+        return reader
     raise MergeError(
-        f"checkpoint not found: {source}. Check the path; Hugging Face Hub repo ids are not "
-        "supported yet, so download the model first (e.g. `huggingface-cli download ORG/NAME "
-        "--local-dir DIR`) and pass the local folder"
+        f"checkpoint not found: {source}. Check the path; a Hugging Face repo id is written "
+        "ORG/NAME or ORG/NAME@REVISION"
     )

@@ -6,9 +6,11 @@ Every method is `fn(tensors, coef, *, base=None, **hyperparameters) -> Tensor` w
 
 from __future__ import annotations
 
+from nanmerge.methods._data_informed import fisher, regmean
 from nanmerge.methods._linear import weight_average
 from nanmerge.methods._registry import (
     METHODS,
+    STATISTICS,
     MethodSpec,
     check_params,
     count_problem,
@@ -27,14 +29,17 @@ from nanmerge.methods._task_arithmetic import (
 
 __all__ = [
     "METHODS",
+    "STATISTICS",
     "MethodSpec",
     "breadcrumbs",
     "check_params",
     "count_problem",
     "dare_linear",
     "dare_ties",
+    "fisher",
     "get_method",
     "register",
+    "regmean",
     "slerp",
     "task_arithmetic",
     "tensor_generator",

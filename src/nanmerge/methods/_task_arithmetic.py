@@ -38,28 +38,29 @@ def _generalized_task_arithmetic(
     contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
     that is 0); "sum" does not divide.
     """
+    # `task_vectors` is this function's own buffer: later steps update it in place (the same
+    # values as out-of-place ops, without a fresh (M, *shape) allocation per step).
     task_vectors = tensors - base
     if sparsify == "magnitude":
-        task_vectors = task_vectors * magnitude_mask(task_vectors, density)
+        task_vectors.mul_(magnitude_mask(task_vectors, density))
     elif sparsify == "breadcrumbs":
-        task_vectors = task_vectors * band_mask(task_vectors, density=density, gamma=gamma)
+        task_vectors.mul_(band_mask(task_vectors, density=density, gamma=gamma))
     elif sparsify == "random":
         keep = random_mask(task_vectors.shape, density, generator, task_vectors.device)
-        task_vectors = task_vectors * keep / density
+        task_vectors.mul_(keep).div_(density)
     weights = coef.reshape((-1,) + (1,) * (tensors.dim() - 1))
-    weighted = weights * task_vectors
+    weighted = task_vectors.mul_(weights)
     if consensus:
         elected = weighted.sum(dim=0).sign()
-        kept = weighted.sign() == elected
-        kept &= elected != 0
-        weighted = weighted * kept
-        weights = weights * kept
+        # sign(w) == elected != 0 exactly when w * elected > 0 (elected is -1, 0 or 1)
+        kept = torch.mul(weighted, elected).gt_(0)
+        weighted.mul_(kept)
+        weights = kept.mul_(weights)
     merged = weighted.sum(dim=0)
     if merge == "mean":
-        divisor = weights.sum(dim=0).expand_as(merged)
-        nonzero = divisor != 0
-        merged = torch.where(nonzero, merged / torch.where(nonzero, divisor, 1.0), 0.0)
-    return base + scale * merged
+        divisor = weights.sum(dim=0)
+        merged.div_(divisor).masked_fill_(divisor == 0, 0.0)  # 0 where no coefficient is kept
+    return merged.mul_(scale).add_(base)
 
 
 @register(reference="https://arxiv.org/abs/2212.04089", needs_base=True)

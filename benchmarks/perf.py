@@ -1,0 +1,411 @@
+"""Speed and memory of `nanmerge run` against the I/O floor measured in the same run.
+
+    python benchmarks/perf.py --size small --out results/perf [--mergekit PATH]
+
+Builds synthetic Llama-shaped bf16 checkpoints (a base and three fine-tunes = base + noise
+of three different sizes, sharded safetensors with an index), cached under --cache. Each
+merge runs in a fresh `nanmerge run` process; its wall time includes interpreter start-up
+and its peak RSS comes from wait4(). The I/O floor is measured next to each merge: a warm
+read of every input byte (the files are read once to warm the page cache, then timed) plus
+writing the output's bytes once with fsync. It is a benchmark, not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# name -> (hidden, intermediate, layers, attention heads, kv heads, vocab)
+SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "tiny": (256, 688, 4, 8, 4, 4096),
+    "small": (1024, 2816, 12, 16, 4, 32000),
+    "medium": (1536, 4096, 16, 24, 4, 32000),
+    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B's shapes
+}
+NOISE = (0.001, 0.002, 0.004)  # fine-tune deltas of different sizes, so NAN is not uniform
+SHARD_BYTES = {"tiny": 4 * 2**20, "small": 200 * 2**20, "medium": 500 * 2**20, "1b": 1000 * 2**20}
+METHODS: dict[str, dict[str, object]] = {
+    "task_arithmetic": {},
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "weight_average": {},
+}
+COEFFICIENTS: dict[str, object] = {
+    "uniform": "uniform",
+    "nan-model": {"estimator": "nan", "granularity": "model"},
+    "nan-tensor": {"estimator": "nan", "granularity": "tensor"},
+}
+# mergekit's names and parameters for the same merges (its `linear` normalizes like ours).
+MERGEKIT = {
+    "task_arithmetic": ("task_arithmetic", {"weight": 0.3}),
+    "ties": ("ties", {"weight": 1.0, "density": 0.5}),
+    "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.5}),
+    "weight_average": ("linear", {"weight": 1.0}),
+}
+
+
+def llama_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, inter, layers, heads, kv_heads, vocab = SIZES[size]
+    kv = hidden // heads * kv_heads
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], size_name: str) -> None:
+    shard_bytes = SHARD_BYTES[size_name]
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hidden, inter, layers, heads, kv_heads, vocab = SIZES[size_name]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_models(size: str, cache: Path) -> list[Path]:
+    """Base + 3 fine-tunes under cache/size/, built once (a `done` file marks completion)."""
+    root = cache / size
+    folders = [root / "base", *(root / f"ft{j}" for j in range(len(NOISE)))]
+    if (root / "done").exists():
+        return folders
+    shutil.rmtree(root, ignore_errors=True)
+    shapes = llama_shapes(size)
+    print(f"building {size} checkpoints in {root} ...", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    base: dict[str, torch.Tensor] = {}
+    for name, shape in shapes:
+        if len(shape) == 1:
+            base[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        else:
+            base[name] = (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    _save_sharded(folders[0], base, size)
+    for folder, noise in zip(folders[1:], NOISE, strict=True):
+        tuned = {
+            name: (t.float() + noise * torch.randn(t.shape, generator=gen)).to(torch.bfloat16)
+            for name, t in base.items()
+        }
+        _save_sharded(folder, tuned, size)
+        del tuned
+    (root / "done").write_text("ok\n")
+    return folders
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_floor(folders: list[Path]) -> float:
+    """Seconds to read every input byte once more after a warming read (page cache warm)."""
+    files = [f for folder in folders for f in _weight_files(folder)]
+    buffer = bytearray(64 * 2**20)
+    view = memoryview(buffer)
+
+    def read_all() -> None:
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+
+    read_all()
+    start = time.perf_counter()
+    read_all()
+    return time.perf_counter() - start
+
+
+def write_floor(nbytes: int, where: Path) -> float:
+    """Seconds to write `nbytes` once (64 MiB blocks) and fsync, as the merged output is."""
+    block = os.urandom(64 * 2**20)
+    path = where / ".write-floor"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        left = nbytes
+        while left > 0:
+            left -= fh.write(memoryview(block)[: min(left, len(block))])
+        os.fsync(fh.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
+    """Wall seconds, CPU seconds (user + system), peak RSS bytes (wait4's ru_maxrss of the
+    child) and output of `cmd`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output
+
+
+@dataclass
+class Row:
+    tool: str
+    method: str
+    coefficients: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    input_gb: float
+    read_floor_s: float
+    write_floor_s: float
+    bound_mib: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.wall_s / (self.read_floor_s + self.write_floor_s)
+
+
+def nanmerge_recipe(
+    method: str, coefs: object, folders: list[Path], out: Path, extra: dict[str, object]
+) -> dict[str, object]:
+    uses_base = method != "weight_average"
+    recipe: dict[str, object] = {
+        "base": str(folders[0]) if uses_base else None,
+        "models": [str(f) for f in folders[1:]],
+        "method": method,
+        "parameters": METHODS[method],
+        "coefficients": coefs,
+        "output": str(out),
+        "overwrite": True,
+        **extra,
+    }
+    if method == "weight_average" and isinstance(coefs, dict):
+        recipe["coefficients"] = {**coefs, "norm_of": "finetuned"}
+    return recipe
+
+
+def mergekit_config(method: str, folders: list[Path]) -> dict[str, object]:
+    name, params = MERGEKIT[method]
+    config: dict[str, object] = {
+        "merge_method": name,
+        "models": [{"model": str(f), "parameters": dict(params)} for f in folders[1:]],
+        "dtype": "bfloat16",
+    }
+    if method != "weight_average":
+        config["base_model"] = str(folders[0])
+    if name == "ties" or name == "dare_ties":
+        config["parameters"] = {"normalize": True}
+    return config
+
+
+def input_bytes(folders: list[Path]) -> int:
+    return sum(f.stat().st_size for folder in folders for f in _weight_files(folder))
+
+
+def floors(folders: list[Path], output_bytes: int, where: Path) -> tuple[float, float]:
+    return read_floor(folders), write_floor(output_bytes, where)
+
+
+def run_nanmerge(
+    folders: list[Path], work: Path, methods: list[str], coefs: list[str], extra: dict[str, object]
+) -> list[Row]:
+    import yaml
+
+    rows = []
+    out_bytes = input_bytes(folders[:1])
+    exe = [sys.executable, "-m", "nanmerge"]
+    for method in methods:
+        for coef in coefs:
+            recipe = nanmerge_recipe(method, COEFFICIENTS[coef], folders, work / "merged", extra)
+            path = work / "recipe.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            used = folders if recipe["base"] else folders[1:]
+            read_s, write_s = floors(used, out_bytes, work)
+            wall, cpu, rss, _ = timed([*exe, "run", str(path), "--quiet"])
+            report = json.loads((work / "merged" / "merge_report.json").read_text())
+            row = Row(
+                "nanmerge",
+                method,
+                coef,
+                wall,
+                cpu,
+                rss / 2**20,
+                input_bytes(used) / 1e9,
+                read_s,
+                write_s,
+                report["memory"]["bound_bytes"] / 2**20,
+            )
+            print(format_row(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def run_mergekit(exe: str, folders: list[Path], work: Path, methods: list[str]) -> list[Row]:
+    import yaml
+
+    rows = []
+    out_bytes = input_bytes(folders[:1])
+    for method in methods:
+        path = work / "mergekit.yaml"
+        path.write_text(yaml.safe_dump(mergekit_config(method, folders)))
+        used = folders if method != "weight_average" else folders[1:]
+        read_s, write_s = floors(used, out_bytes, work)
+        out = work / "mergekit-out"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, cpu, rss, _ = timed([exe, str(path), str(out), "--allow-crimes"])
+        row = Row(
+            "mergekit",
+            method,
+            "uniform",
+            wall,
+            cpu,
+            rss / 2**20,
+            input_bytes(used) / 1e9,
+            read_s,
+            write_s,
+            None,
+        )
+        print(format_row(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+HEADER = (
+    f"{'tool':<9} {'method':<16} {'coefficients':<11} {'wall s':>8} {'CPU s':>7} "
+    f"{'peak RSS MiB':>13} {'bound MiB':>10} {'input GB':>9} {'floor s':>8} {'wall/floor':>10}"
+)
+
+
+def format_row(row: Row) -> str:
+    bound = "-" if row.bound_mib is None else f"{row.bound_mib:.0f}"
+    floor = row.read_floor_s + row.write_floor_s
+    return (
+        f"{row.tool:<9} {row.method:<16} {row.coefficients:<11} {row.wall_s:8.2f} {row.cpu_s:7.2f} "
+        f"{row.peak_rss_mib:13.0f} {bound:>10} {row.input_gb:9.2f} {floor:8.2f} "
+        f"{row.ratio:10.2f}"
+    )
+
+
+def startup_seconds(repeats: int = 3) -> float:
+    """Median seconds for `nanmerge --version`-like import of the merge path (no tensor read)."""
+    code = "import nanmerge.cli, nanmerge.engine"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--out", type=Path, default=Path("results/perf"))
+    parser.add_argument("--cache", type=Path, default=Path("cache/perf"))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--coefficients", nargs="+", choices=list(COEFFICIENTS), default=list(COEFFICIENTS)
+    )
+    parser.add_argument("--threads", type=int, default=None, help="recipe `threads` override")
+    parser.add_argument("--device", default=None, help="recipe `device` override, e.g. cuda")
+    parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
+    parser.add_argument("--label", default="", help="suffix for the results file name")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every merge process (torch's intra-op threads)",
+    )
+    args = parser.parse_args()
+    if args.torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the merges
+
+    folders = build_models(args.size, args.cache)
+    work = args.out / f"work-{args.size}"
+    work.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, object] = {}
+    if args.threads is not None:
+        extra["threads"] = args.threads
+    if args.device is not None:
+        extra["device"] = args.device
+    params = sum(torch.Size(s).numel() for _, s in llama_shapes(args.size))
+    print(
+        f"size {args.size}: {params / 1e6:.0f}M parameters per model, bf16, "
+        f"{input_bytes(folders) / 1e9:.2f} GB of inputs; nproc {os.cpu_count()}; "
+        f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
+    start_s = startup_seconds()
+    print(f"start-up (import nanmerge.cli + engine in a fresh interpreter): {start_s:.2f} s")
+    print(HEADER, flush=True)
+    rows = run_nanmerge(folders, work, args.methods, args.coefficients, extra)
+    if args.mergekit:
+        rows += run_mergekit(args.mergekit, folders, work, args.methods)
+        print("\nnanmerge / mergekit (uniform coefficients):")
+        for method in args.methods:
+            ours = next(r for r in rows if r.tool == "nanmerge" and r.method == method)
+            theirs = next(r for r in rows if r.tool == "mergekit" and r.method == method)
+            print(
+                f"  {method:<16} wall {ours.wall_s / theirs.wall_s:5.2f}  "
+                f"peak RSS {ours.peak_rss_mib / theirs.peak_rss_mib:5.2f}"
+            )
+    shutil.rmtree(work / "merged", ignore_errors=True)
+    result = {
+        "size": args.size,
+        "parameters": params,
+        "startup_s": start_s,
+        "extra": extra,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "nproc": os.cpu_count(),
+        "rows": [{**asdict(r), "wall_over_floor": r.ratio} for r in rows],
+    }
+    name = f"perf-{args.size}{'-' + args.label if args.label else ''}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""mergekit recipes: translate mergekit's YAML schema into a nanmerge recipe, or say what cannot be.
+
+One pure function, `from_mergekit`, maps the methods both tools share onto nanmerge's
+methods with mergekit's own defaults made explicit (mergekit's density defaults to 1.0, its
+`lambda` to 1.0, `normalize` depends on the method), so a translated recipe computes what
+mergekit computes. Everything it cannot express is collected and reported in one error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanmerge._types import MergeError
+
+
+@dataclass(frozen=True)
+class _Method:
+    """How one mergekit method maps: nanmerge name, mergekit defaults, which knobs it has."""
+
+    name: str
+    task_vectors: bool  # base + combine(tau): the base model's own entry is skipped
+    normalize: bool | None  # mergekit's default; None: no such parameter
+    rescale: bool | None
+    consensus: bool = False
+    density: bool = False
+    gamma: bool = False
+
+
+SHARED: dict[str, _Method] = {
+    "linear": _Method("weight_average", False, normalize=True, rescale=None),
+    "task_arithmetic": _Method("task_arithmetic", True, normalize=False, rescale=False),
+    "ties": _Method("ties", True, normalize=True, rescale=False, consensus=True, density=True),
+    "dare_linear": _Method("dare_linear", True, normalize=False, rescale=True, density=True),
+    "dare_ties": _Method(
+        "dare_ties", True, normalize=False, rescale=True, consensus=True, density=True
+    ),
+    "breadcrumbs": _Method(
+        "breadcrumbs", True, normalize=False, rescale=False, density=True, gamma=True
+    ),
+    "slerp": _Method("slerp", False, normalize=None, rescale=None),
+}
+UNSUPPORTED_FIELDS = {
+    "slices": "slices (layer ranges / passthrough stacking)",
+    "modules": "modules (per-module sub-merges)",
+    "tokenizer_source": "tokenizer_source (tokenizer merging)",
+    "tokenizer": "tokenizer (tokenizer merging)",
+    "chat_template": "chat_template",
+}
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_OURS_REPLACED = {"base": "base_model", "method": "merge_method"}
+_NUMBERS = {"weight", "density", "gamma", "lambda", "t"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _scalar(value: Any, what: str, problems: list[str]) -> Any:
+    """A parameter value, or None with a problem when it is a gradient or filter list."""
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, Mapping) for v in value):
+            problems.append(f"filter-based parameter {what} (per-tensor `filter`/`value` list)")
+        else:
+            problems.append(f"gradient parameter {what} (a list of values across layers)")
+        return None
+    if isinstance(value, Mapping):
+        problems.append(f"parameter {what} given as a mapping; only single values are supported")
+        return None
+    return value
+
+
+def _model_path(ref: Any, base: Any, problems: list[str]) -> Any:
+    """A model reference as a path; mergekit's `base+lora` works when `base` is base_model."""
+    if not isinstance(ref, str):
+        problems.append(f"model reference {ref!r} (only a path or repo id string is supported)")
+        return ref
+    if "+" in ref and not Path(ref).exists():
+        model, _, lora = ref.partition("+")
+        if model == base:
+            return lora  # nanmerge reads a LoRA adapter over the recipe's base
+        problems.append(
+            f"model '{ref}': a LoRA applied to a model other than base_model (nanmerge reads "
+            "adapters over the base only)"
+        )
+    return ref
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _one_value(values: list[Any], name: str, method: str, problems: list[str]) -> Any:
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1:
+        problems.append(
+            f"per-model `{name}` that differs between models ({', '.join(map(str, values))}): "
+            f"nanmerge's {method} applies one {name} to every model; use a single value "
+            f"(global `parameters: {{{name}: ...}}`)"
+        )
+    return distinct[0]
+
+
+def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str, Any]:
+    """The nanmerge recipe (a dict for `Recipe`) that does what mergekit recipe `data` does.
+
+    Keys that are nanmerge recipe fields (`coefficients`, `output`, `seed`, ...) pass through,
+    so `coefficients: nan` works in a mergekit recipe. Raises one MergeError that lists every
+    feature nanmerge cannot reproduce.
+    """
+    problems: list[str] = []
+    merge_method = data.get("merge_method")
+    spec = SHARED.get(merge_method) if isinstance(merge_method, str) else None
+    if spec is None:
+        problems.append(
+            f"merge_method '{merge_method}' (shared with nanmerge: {', '.join(SHARED)})"
+        )
+    problems += [
+        text
+        for key, text in UNSUPPORTED_FIELDS.items()
+        if data.get(key) is not None
+        # the base's tokenizer is the one nanmerge copies anyway
+        and not (key == "tokenizer_source" and data[key] == "base")
+    ]
+    problems += [
+        f"`{ours}` next to mergekit's `{theirs}` (write one schema)"
+        for ours, theirs in _OURS_REPLACED.items()
+        if ours in data
+    ]
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"base_model {base!r} (only a path or repo id string is supported)")
+    mergekit_only = _MERGEKIT_FIELDS | set(UNSUPPORTED_FIELDS) | set(_OURS_REPLACED)
+    extras = {k: v for k, v in data.items() if k not in mergekit_only}
+
+    glob: dict[str, Any] = {}
+    for key, value in (data.get("parameters") or {}).items():
+        glob[key] = _scalar(value, f"'{key}'", problems)
+    entries: list[tuple[Any, dict[str, Any]]] = []
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        if data.get("slices") is None:
+            problems.append("no `models` list (mergekit's models: [{model: PATH}, ...])")
+        raw_models = []
+    for i, entry in enumerate(raw_models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            problems.append(f"models[{i}] is not a mapping with a `model` key")
+            continue
+        unknown = sorted(set(entry) - {"model", "parameters"})
+        if unknown:
+            problems.append(f"models[{i}] fields {', '.join(unknown)}")
+        params = {
+            k: _scalar(v, f"'{k}' of models[{i}]", problems)
+            for k, v in (entry.get("parameters") or {}).items()
+        }
+        entries.append((_model_path(entry["model"], base, problems), params))
+
+    recipe: dict[str, Any] = {}
+    if spec is not None:
+        recipe = _translate(str(merge_method), spec, base, glob, entries, extras, problems)
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if dtype in _DTYPES:
+            recipe["dtype"] = _DTYPES[dtype]
+        else:
+            problems.append(f"dtype '{dtype}' (nanmerge writes {', '.join(sorted(_DTYPES))})")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise MergeError(
+            f"{where} is a mergekit recipe (it has `merge_method`) using {len(problems)} "
+            f"feature(s) nanmerge does not support:\n{listed}\n"
+            "Rewrite those parts, or use nanmerge's own recipe schema (see README)"
+        )
+    return {**extras, **recipe}
+
+
+def _translate(
+    merge_method: str,
+    spec: _Method,
+    base: Any,
+    glob: dict[str, Any],
+    entries: list[tuple[Any, dict[str, Any]]],
+    extras: dict[str, Any],
+    problems: list[str],
+) -> dict[str, Any]:
+    """The method, models, parameters and coefficients of one shared method."""
+    if spec.task_vectors:
+        if base is None:
+            problems.append(f"{merge_method} without base_model (task vectors need one)")
+        entries = [(path, params) for path, params in entries if path != base]
+    if merge_method == "slerp":
+        others = [(path, params) for path, params in entries if path != base]
+        if base is None or len(others) != 1:
+            problems.append(
+                "slerp needs base_model plus exactly one other model (t = 0 gives base_model)"
+            )
+        else:
+            entries = [(base, {}), *others]
+    tensor_params = {"weight"} if merge_method != "slerp" else set()
+    tensor_params |= {"density"} if spec.density else set()
+    tensor_params |= {"gamma"} if spec.gamma else set()
+    knobs = {"int8_mask", "normalize", "rescale", "lambda"} if spec.task_vectors else set()
+    knobs |= {"normalize"} if merge_method == "linear" else set()
+    knobs |= {"t"} if merge_method == "slerp" else set()
+    for key in glob:
+        if key not in tensor_params | knobs:
+            problems.append(f"parameter '{key}' (nanmerge maps none such for {merge_method})")
+    for path, params in entries:
+        for key in params:
+            if key not in tensor_params:
+                problems.append(
+                    f"parameter '{key}' of model {path} (nanmerge maps none such for "
+                    f"{merge_method})"
+                )
+    if not entries:
+        problems.append(f"{merge_method} with no models besides base_model")
+        return {}
+    wrong = [
+        f"'{key}' = {value!r}{where}"
+        for params, where in [(glob, ""), *((p, f" of model {path}") for path, p in entries)]
+        for key, value in params.items()
+        if key in _NUMBERS and value is not None and not _is_number(value)
+    ]
+    if wrong:
+        problems.append(f"parameters that must be numbers: {', '.join(wrong)}")
+        return {}
+
+    def per_model(name: str) -> list[Any]:
+        return [params.get(name, glob.get(name)) for _, params in entries]
+
+    parameters: dict[str, Any] = {}
+    if spec.density:
+        densities = [1.0 if d is None else d for d in per_model("density")]  # mergekit's 1.0
+        parameters["density"] = _one_value(densities, "density", merge_method, problems)
+    if spec.gamma:
+        gammas = [0.01 if g is None else g for g in per_model("gamma")]
+        gamma = _one_value(gammas, "gamma", merge_method, problems)
+        if gamma + parameters["density"] > 1:
+            gamma = max(
+                0.0, 1.0 - parameters["density"]
+            )  # mergekit drops fewer outliers when they overlap
+        parameters["gamma"] = gamma
+    if spec.task_vectors:
+        parameters["scale"] = glob.get("lambda", 1.0)
+    if merge_method == "slerp":
+        if glob.get("t") is None:
+            problems.append("slerp without a global `t` (mergekit requires it)")
+        parameters["t"] = glob.get("t")
+    normalize = glob.get("normalize", spec.normalize)
+    if spec.rescale is not None and glob.get("rescale", spec.rescale) != spec.rescale:
+        problems.append(f"rescale: {glob['rescale']} on {merge_method}")
+    if merge_method == "linear" and normalize is not True:
+        problems.append("linear with normalize: false (an unnormalized weighted sum)")
+    if spec.consensus:
+        parameters["merge"] = "mean" if normalize else "sum"
+
+    weights = per_model("weight")
+    given = [w for w in weights if w is not None]
+    estimator = extras.get("coefficients", "manual")
+    estimated = estimator != "manual" and estimator != {"estimator": "manual"}
+    recipe = {"method": spec.name, "base": base, "parameters": parameters}
+    models: list[dict[str, Any]] = [{"path": path} for path, _ in entries]
+    if merge_method == "slerp" and given:
+        problems.append("per-model `weight` on slerp (mergekit's slerp takes only `t`)")
+    elif estimated:
+        if len(set(given)) > 1:
+            problems.append(
+                "per-model `weight` that differs between models together with `coefficients` "
+                "(the estimator sets the weights; remove one of them)"
+            )
+        elif normalize and spec.task_vectors and not spec.consensus:
+            problems.append(f"normalize: true on {merge_method} together with `coefficients`")
+        elif given and spec.task_vectors and not (spec.consensus and normalize):
+            # One shared weight is a common scale; where mergekit normalizes, it cancels.
+            parameters["scale"] = parameters["scale"] * given[0]
+    elif given and len(given) != len(weights):
+        missing = [str(path) for (path, _), w in zip(entries, weights, strict=True) if w is None]
+        problems.append(f"`weight` missing on model(s) {', '.join(missing)} (mergekit needs it)")
+    elif given:
+        if normalize and spec.task_vectors and not spec.consensus:
+            total = sum(given)  # mergekit divides the weighted sum by this (unless ~0)
+            given = [w / total for w in given] if abs(total) >= 1e-8 else given
+        for model, weight in zip(models, given, strict=True):
+            model["coefficient"] = weight
+        recipe["coefficients"] = "manual"
+    return {**recipe, "models": models}
