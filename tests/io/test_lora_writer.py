@@ -197,3 +197,40 @@ def test_merge_command_writes_an_adapter_and_prints_its_error(tmp_path: Path) ->
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "LoRA adapter of rank 3: 2 matrices, largest relative error" in result.output
+
+
+class Toy(torch.nn.Module):
+    """Two linear layers, named as a checkpoint of them would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(5, 6)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+
+def test_peft_loads_the_written_adapter_and_reproduces_the_merge(tmp_path: Path) -> None:
+    """Peer check: PEFT itself applies our adapter to the base and gets the full merge."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Toy()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    models = []
+    for i in range(2):
+        tuned = {
+            k: v + 0.1 * torch.randn_like(v) if k.endswith("weight") else v.clone()
+            for k, v in base.state_dict().items()
+        }
+        save_file(tuned, tmp_path / f"ft{i}.safetensors")
+        models.append(str(tmp_path / f"ft{i}.safetensors"))
+    common = {
+        "base": str(tmp_path / "base.safetensors"),
+        "models": models,
+        "method": "task_arithmetic",
+        "coefficients": "nan",
+    }
+    full = merge(common)
+    merge({**common, "output": str(tmp_path / "adapter"), "output_format": "lora", "rank": 5})
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    assert isinstance(full, dict)
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, full[name], rtol=0, atol=1e-5)
