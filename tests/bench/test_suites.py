@@ -14,6 +14,7 @@ import pytest
 
 import nanmerge
 from nanmerge.bench import run_suite
+from nanmerge.bench._data_informed import ADAMERGING, ADAMERGING_SCALE
 from nanmerge.bench._digits import PAIR_LABEL, SCENARIOS
 from nanmerge.bench._lsq import FAMILIES
 from nanmerge.bench._merging import COEFFICIENTS
@@ -54,6 +55,8 @@ def test_lsq_reports_every_method_coefficient_and_reference_row(lsq: dict[str, A
             for mode in ("default", "best"):
                 assert (family, "task_arithmetic", coef, mode) in keys
         assert (family, "joint optimum", "-", "-") in keys
+        for coef in COEFFICIENTS:
+            assert (family, "regmean (alpha 1.0)", coef, "-") in keys
         assert (family, "pretrained", "-", "-") in keys
     assert len(keys) == len(lsq["rows"])
 
@@ -70,8 +73,6 @@ def test_digits_reports_every_registered_method_per_scenario(
     keys = _keys(result)
     for scenario in SCENARIOS:
         for name, spec in nanmerge.METHODS.items():
-            if spec.statistics:  # data-informed methods need statistics files
-                continue
             method = name if spec.max_models is None else f"{name} {PAIR_LABEL}"
             modes = ("default", "best") if "scale" in spec.params else ("-",)
             for coef in COEFFICIENTS:
@@ -80,6 +81,16 @@ def test_digits_reports_every_registered_method_per_scenario(
         assert (scenario, "pretrained", "-", "-") in keys
         assert (scenario, "fine-tuned (individual)", "-", "-") in keys
     assert all(0.0 <= r["avg_acc"] <= 1.0 for r in result["rows"])
+
+
+def test_digits_reports_adamerging_rows_per_scenario(
+    digits: tuple[dict[str, Any], Path],
+) -> None:
+    keys = _keys(digits[0])
+    for scenario in SCENARIOS:
+        for (granularity, _), label in ADAMERGING.items():
+            method = f"adamerging {granularity}-wise (task_arithmetic, scale {ADAMERGING_SCALE})"
+            assert (scenario, method, label, "-") in keys
 
 
 def test_digits_writes_report_and_plots(digits: tuple[dict[str, Any], Path]) -> None:

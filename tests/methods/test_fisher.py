@@ -55,3 +55,12 @@ def test_shape_mismatch_and_negative_fisher_are_clear_errors() -> None:
         fisher(torch.ones(2, 4), torch.ones(2), fisher=-torch.ones(2, 4))
     with pytest.raises(MergeError, match=">= 0"):
         fisher(torch.ones(2, 4), torch.tensor([1.0, -1.0]), fisher=torch.ones(2, 4))
+
+
+def test_permuting_models_with_their_fisher_leaves_the_output_unchanged() -> None:
+    tensors = torch.randn(3, 4, 2, generator=_gen(3))
+    info = torch.rand(3, 4, 2, generator=_gen(4))
+    coef = torch.tensor([0.5, 1.0, 2.0])
+    perm = torch.tensor([2, 0, 1])
+    out = fisher(tensors, coef, fisher=info)
+    torch.testing.assert_close(fisher(tensors[perm], coef[perm], fisher=info[perm]), out)

@@ -86,3 +86,13 @@ def test_shapes_that_do_not_fit_are_a_clear_error() -> None:
         regmean(torch.ones(2, 3, 4), torch.ones(2), gram=torch.ones(2, 3, 3))
     with pytest.raises(MergeError, match="2-D weights"):
         regmean(torch.ones(2, 4), torch.ones(2), gram=torch.ones(2, 4, 4))
+
+
+def test_permuting_models_with_their_grams_leaves_the_output_unchanged() -> None:
+    tensors = torch.randn(3, 2, 4, generator=_gen(7))
+    xs = torch.randn(3, 9, 4, generator=_gen(8))
+    grams = xs.transpose(1, 2) @ xs
+    coef = torch.tensor([0.5, 1.0, 2.0])
+    perm = torch.tensor([2, 0, 1])
+    out = regmean(tensors, coef, gram=grams)
+    torch.testing.assert_close(regmean(tensors[perm], coef[perm], gram=grams[perm]), out)

@@ -357,7 +357,8 @@ def _scores(accuracies: dict[str, float]) -> dict[str, float]:
 
 
 def merge_methods(tasks: int) -> list[str]:
-    """Every registered method that accepts this many models and needs no data statistics."""
+    """Every registered method that accepts this many models and needs no data statistics
+    (those run in `_data_informed_rows`, after their statistics are computed)."""
     return [
         name
         for name, spec in nanmerge.METHODS.items()
@@ -388,6 +389,7 @@ def run_seed(
         )
         scenario_rows += _pair_rows(size, problem, seed, bar)
         scenario_rows += _fixed_rows(size, problem)
+        scenario_rows += _data_informed_rows(size, problem, seed, bar)
         for row in scenario_rows:
             row.update(problem=scenario, seed=seed)
         rows += scenario_rows
@@ -509,7 +511,7 @@ def work_per_seed(size: DigitsSize) -> int:
     merges = sweep_size(merge_methods(size.tasks), size.scale_grid) + sweep_size(
         [m for m in pairs if m not in merge_methods(size.tasks)], size.scale_grid
     )
-    return len(SCENARIOS) * (size.tasks + merges)
+    return len(SCENARIOS) * (size.tasks + merges + _data_informed.work())
 
 
 def control_note(premise: list[dict[str, Any]], diffs: list[dict[str, Any]]) -> list[str]:

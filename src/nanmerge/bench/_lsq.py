@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import ModelSet, cache_folder, save_checkpoint
 from nanmerge.bench._evaluate import problem_info
-from nanmerge.bench._merging import State, sweep, sweep_size
+from nanmerge.bench._merging import COEFFICIENTS, State, sweep, sweep_size
 from nanmerge.statistics import save_statistics
 
 METHODS = ("weight_average", "task_arithmetic")
@@ -162,6 +162,7 @@ def run_seed(
             return {METRIC: _loss(_from_state(state), train) / best}
 
         family_rows = sweep(models, METHODS, size.scale_grid, seed, validate, test, bar)
+        family_rows += _regmean_rows(models, train, seed, validate, test, bar)
         family_rows.append(_fixed_row("joint optimum", 1.0))
         family_rows.append(_fixed_row("pretrained", _loss(w0, train) / best_loss))
         for row in family_rows:
@@ -209,4 +210,4 @@ def _fixed_row(label: str, ratio: float) -> dict[str, Any]:
 
 
 def merges_per_seed(size: LsqSize) -> int:
-    return len(FAMILIES) * sweep_size(METHODS, size.scale_grid)
+    return len(FAMILIES) * (sweep_size(METHODS, size.scale_grid) + len(COEFFICIENTS))

@@ -267,7 +267,8 @@ def merge_stream(
             {"generator": tensor_generator(plan.recipe.seed, item.name)} if wants_generator else {}
         )
         coef = coefficients.for_tensor(item.name).to(item.models[0].device)
-        return merge_tensor(plan, item, coef, out_meta[item.name].dtype, **extra)
+        inputs = {} if plan.statistics is None else plan.statistics.inputs(item.name)
+        return merge_tensor(plan, item, coef, out_meta[item.name].dtype, **extra, **inputs)
 
     names = [n for n, _ in plan.entries]
     bar = tqdm(
