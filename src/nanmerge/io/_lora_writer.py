@@ -115,22 +115,8 @@ class LoraWriter(ModelWriter):
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Take the next planned tensor; keep its low-rank delta, full delta or nothing."""
-        self._require_open()
-        if self._next >= len(self._planned):
-            raise MergeError(
-                f"tensor '{name}' was not planned: all {len(self._planned)} are written"
-            )
-        expected, meta = self._planned[self._next]
-        if name != expected:
-            raise MergeError(
-                f"writer expected tensor '{expected}' next (number {self._next + 1} of "
-                f"{len(self._planned)}) but got '{name}'"
-            )
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise MergeError(
-                f"tensor '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype} but "
-                f"the plan says shape {meta.shape} and dtype {meta.dtype}"
-            )
+        self._check_next(name, tensor, self._planned)
+        meta = self._planned[self._next][1]
         self._next += 1
         if not tensor.dtype.is_floating_point:
             return

@@ -147,6 +147,7 @@ class ModelWriter:
         self._order = [
             (i, name, meta) for i, shard in enumerate(self.shards) for name, meta in shard
         ]
+        self._planned = [(name, meta) for _, name, meta in self._order]
         self._next = 0
         self._file: BinaryIO | None = None
         self._state = "open"
@@ -165,24 +166,30 @@ class ModelWriter:
         if self._state != "open":
             raise MergeError(f"the writer for {self.output} is already {self._state}")
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; names, shapes and dtypes must match the plan."""
+    def _check_next(
+        self, name: str, tensor: torch.Tensor, planned: Sequence[tuple[str, TensorMeta]]
+    ) -> None:
+        """The writer is open and `tensor` is the next planned one, with its shape and dtype."""
         self._require_open()
-        if self._next >= len(self._order):
-            raise MergeError(f"tensor '{name}' was not planned: all {len(self._order)} are written")
-        shard, expected, meta = self._order[self._next]
+        if self._next >= len(planned):
+            raise MergeError(f"tensor '{name}' was not planned: all {len(planned)} are written")
+        expected, meta = planned[self._next]
         if name != expected:
-            planned = any(n == name for _, n, _ in self._order)
-            detail = "was not planned" if not planned else "is out of order"
+            detail = "is out of order" if any(n == name for n, _ in planned) else "was not planned"
             raise MergeError(
                 f"writer expected tensor '{expected}' next (number {self._next + 1} of "
-                f"{len(self._order)}) but got '{name}', which {detail}"
+                f"{len(planned)}) but got '{name}', which {detail}"
             )
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise MergeError(
                 f"tensor '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype} but "
                 f"the plan says shape {meta.shape} and dtype {meta.dtype}"
             )
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; names, shapes and dtypes must match the plan."""
+        self._check_next(name, tensor, self._planned)
+        shard = self._order[self._next][0]
         file = self._file or self._start_shard(shard)
         file.write(byte_view(tensor.detach().to("cpu").contiguous()))
         file.flush()  # bytes leave memory as each tensor arrives
