@@ -24,12 +24,12 @@ def _generalized_task_arithmetic(
     *,
     base: torch.Tensor,
     scale: float,
-    sparsify: Sparsify,
-    density: float,
-    gamma: float,
-    consensus: bool,
-    merge: Merge,
-    generator: torch.Generator | None,
+    sparsify: Sparsify = None,
+    density: float = 1.0,
+    gamma: float = 0.0,
+    consensus: bool = False,
+    merge: Merge = "sum",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """base + scale * merge_i(coef_i * sparsify(tau_i)), optionally keeping elected signs only.
 
@@ -77,12 +77,6 @@ def task_arithmetic(
         coef,
         base=base,
         scale=scale,
-        sparsify=None,
-        density=1.0,
-        gamma=0.0,
-        consensus=False,
-        merge="sum",
-        generator=None,
     )
 
 
@@ -113,10 +107,8 @@ def ties(
         scale=scale,
         sparsify="magnitude",
         density=density,
-        gamma=0.0,
         consensus=True,
         merge=merge,
-        generator=None,
     )
 
 
@@ -143,9 +135,6 @@ def dare_linear(
         scale=scale,
         sparsify="random",
         density=density,
-        gamma=0.0,
-        consensus=False,
-        merge="sum",
         generator=generator,
     )
 
@@ -174,7 +163,6 @@ def dare_ties(
         scale=scale,
         sparsify="random",
         density=density,
-        gamma=0.0,
         consensus=True,
         merge=merge,
         generator=generator,
@@ -207,7 +195,4 @@ def breadcrumbs(
         sparsify="breadcrumbs",
         density=density,
         gamma=gamma,
-        consensus=False,
-        merge="sum",
-        generator=None,
     )
