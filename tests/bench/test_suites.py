@@ -66,6 +66,21 @@ def test_lsq_no_merge_beats_the_closed_form_joint_optimum(lsq: dict[str, Any]) -
     assert all(r["loss_ratio"] >= 1 - 1e-6 for r in lsq["rows"])
 
 
+def test_lsq_regmean_reproduces_the_joint_least_squares_optimum(lsq: dict[str, Any]) -> None:
+    # Per-task least-squares models: RegMean's Gram solve is the joint normal equations. The
+    # ratio's denominator is the pooled least-squares fit, computed without nanmerge.
+    for family in ("ols", "ols_noisy"):
+        (row,) = [
+            r
+            for r in lsq["rows"]
+            if r["problem"] == family
+            and r["method"].startswith("regmean")
+            and r["coefficients"] == "uniform"
+        ]
+        assert row["loss_ratio"] == pytest.approx(1.0, rel=1e-6, abs=0)
+        assert f"{family} " in lsq["markdown"].split("loss ratio − 1")[1]
+
+
 def test_digits_reports_every_registered_method_per_scenario(
     digits: tuple[dict[str, Any], Path],
 ) -> None:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 import nanmerge
 from nanmerge._types import MergeError
+from nanmerge.engine import _plan
+from nanmerge.engine._statistics import Statistics, open_statistics
 from nanmerge.statistics import compute_statistics, save_statistics
 
 
@@ -98,3 +102,46 @@ def test_statistics_in_some_files_only_are_refused(mlps: Mlps, tmp_path: Path) -
     save_statistics({"0.weight": torch.eye(4)}, partial, kind="gram")
     message = _problems(_recipe(mlps, "regmean", [mlps.gram[0], partial, mlps.gram[2]]))
     assert "some files but not all: " in message and "3.weight" in message
+
+
+def _spy_on_statistics(monkeypatch: pytest.MonkeyPatch) -> list[Statistics | None]:
+    """Keep every Statistics the plan opens, so its handles outlive the merge's own references."""
+    opened: list[Statistics | None] = []
+
+    def spy(*args: Any) -> Statistics | None:
+        opened.append(open_statistics(*args))
+        return opened[-1]
+
+    monkeypatch.setattr(_plan, "open_statistics", spy)
+    return opened
+
+
+def _assert_closed(statistics: Statistics | None) -> None:
+    """A closed safe_open handle refuses every read and (on Linux) no longer maps its file."""
+    assert statistics is not None and len(statistics.handles) == len(statistics.paths)
+    for handle in statistics.handles:
+        with pytest.raises(SafetensorError, match="closed"):
+            handle.keys()
+    maps = Path("/proc/self/maps")
+    mapped = maps.read_text() if maps.exists() else ""
+    assert not any(str(path.resolve()) in mapped for path in statistics.paths)
+
+
+def test_statistics_files_are_closed_after_the_merge(
+    mlps: Mlps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = _spy_on_statistics(monkeypatch)
+    nanmerge.merge(_recipe(mlps, "regmean", mlps.gram))
+    assert len(opened) == 1
+    _assert_closed(opened[0])
+
+
+def test_statistics_files_are_closed_when_the_plan_fails(
+    mlps: Mlps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = _spy_on_statistics(monkeypatch)
+    assert "not a torch device" in _problems(
+        {**_recipe(mlps, "regmean", mlps.gram), "device": "nope"}
+    )
+    assert len(opened) == 1
+    _assert_closed(opened[0])

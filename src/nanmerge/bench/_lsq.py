@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import ModelSet, cache_folder, save_checkpoint
 from nanmerge.bench._evaluate import problem_info
-from nanmerge.bench._merging import COEFFICIENTS, State, sweep, sweep_size
+from nanmerge.bench._merging import COEFFICIENTS, UNIFORM, State, sweep, sweep_size
 from nanmerge.statistics import save_statistics
 
 METHODS = ("weight_average", "task_arithmetic")
@@ -35,7 +35,9 @@ INTRO = (
     "target noise, so estimation noise dominates the norms (the premise's best case); `ridge` "
     "models are fine-tuned "
     "from a shared pretrained solution with ridge shrinkage toward it (the closed-form stand-in "
-    "for fine-tuning). The metric is the joint training loss over all tasks' data divided by "
+    "for fine-tuning). Each output's weights, bias last (the weight of a constant feature), are "
+    "one tensor, so `/tensor` coefficients are per output. "
+    "The metric is the joint training loss over all tasks' data divided by "
     "the closed-form joint optimum's (1.000 = optimal). `oracle n_i` uses manual weights "
     "n_i / mean n, the weights the derivation calls optimal for isotropic features."
 )
@@ -77,7 +79,7 @@ class _Part:
 
 
 def _augment(x: np.ndarray) -> np.ndarray:
-    """Append the constant feature, so the bias is a second tensor of the checkpoint."""
+    """Append the constant feature: the bias is the last input column of every weight."""
     return np.hstack([x, np.ones((len(x), 1))])
 
 
@@ -99,17 +101,21 @@ def _ridge_from(a: np.ndarray, y: np.ndarray, w0: np.ndarray, lam: float) -> np.
     return np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ y + lam * w0)
 
 
+def _head(k: int) -> str:
+    return f"heads.{k}.weight"
+
+
 def _to_state(w: np.ndarray) -> dict[str, torch.Tensor]:
+    """One (1, dim + 1) tensor per output, bias last: each tensor's input is the whole
+    augmented feature vector, so a per-tensor RegMean solves the joint normal equations,
+    and per-tensor coefficients still have several tensors to tell apart."""
     return {
-        "linear.weight": torch.tensor(w[:-1].T, dtype=torch.float32),
-        "linear.bias": torch.tensor(w[-1], dtype=torch.float32),
+        _head(k): torch.tensor(w[:, k][None, :], dtype=torch.float32) for k in range(w.shape[1])
     }
 
 
 def _from_state(state: State) -> np.ndarray:
-    weight = state["linear.weight"].double().numpy()
-    bias = state["linear.bias"].double().numpy()
-    return np.vstack([weight.T, bias[None, :]])
+    return np.hstack([state[_head(k)].double().numpy().T for k in range(len(state))])
 
 
 def _loss(w: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -180,22 +186,37 @@ def _regmean_rows(
     test: Callable[[State], dict[str, float]],
     bar: tqdm | None,
 ) -> list[dict[str, Any]]:
-    """RegMean (alpha 1) from each task's Gram X_i^T X_i of its features and, for the bias
-    (its own tensor), the Gram of the constant feature: n_i. Exact up to the features-constant
-    cross term that a per-tensor merge drops (zero for centered features): ratio ~1.0001."""
+    """RegMean (alpha 1) from each task's Gram A_i^T A_i of its augmented features (constant
+    included), the input of every head: its solve is the joint normal equations, so for
+    per-task least-squares models it is the joint optimum up to rounding."""
     with tempfile.TemporaryDirectory(prefix="nanmerge-statistics-") as folder:
         grams = []
-        for name, (a, _) in zip(models.names, train, strict=True):
-            x = torch.tensor(a[:, :-1])
+        for name, (a, y) in zip(models.names, train, strict=True):
+            gram = torch.tensor(a.T @ a, dtype=torch.float32)
+            stats = {_head(k): gram.clone() for k in range(y.shape[1])}
             path = Path(folder) / f"{name}.gram.safetensors"
-            stats = {
-                "linear.weight": (x.T @ x).float(),
-                "linear.bias": torch.tensor([[float(len(a))]]),
-            }
             grams.append(save_statistics(stats, path, kind="gram"))
         return _data_informed.rows(
             models, {"regmean": grams}, seed, validate, test, bar, {"regmean": {"alpha": 1.0}}
         )
+
+
+def regmean_note(summary: list[dict[str, Any]]) -> list[str]:
+    """RegMean's gap to the joint optimum, in digits the 3-decimal tables round away."""
+    gaps = [
+        f"{r['problem']} {r['mean'] - 1:+.1e} ± {r['std']:.1e}"
+        for r in summary
+        if r["method"].startswith("regmean") and r["coefficients"] == UNIFORM
+    ]
+    if not gaps:
+        return []
+    return [
+        "RegMean (uniform coefficients) against the joint optimum, loss ratio − 1 (mean ± std "
+        f"over seeds): {'; '.join(gaps)}. Each `ols` model is its own task's least-squares "
+        "solution, so RegMean's solve is the joint normal equations and what remains is rounding; "
+        "`ridge` models are shrunk toward the pretrained solution, which a Gram-weighted mean "
+        "does not undo."
+    ]
 
 
 def _fixed_row(label: str, ratio: float) -> dict[str, Any]:

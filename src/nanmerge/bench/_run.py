@@ -45,7 +45,8 @@ class _Suite:
     digits: int
     heatmap_problem: str
     intro: str
-    notes: Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[str]]
+    # (premise check, paired differences, summary rows) -> paragraphs under the premise table
+    notes: Callable[[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]], list[str]]
 
 
 SUITES: dict[str, _Suite] = {
@@ -60,7 +61,7 @@ SUITES: dict[str, _Suite] = {
         digits=3,
         heatmap_problem="ridge",
         intro=_lsq.INTRO,
-        notes=lambda premise, diffs: [],
+        notes=lambda premise, diffs, summary: _lsq.regmean_note(summary),
     ),
     "digits": _Suite(
         sizes=_digits.SIZES,
@@ -73,7 +74,7 @@ SUITES: dict[str, _Suite] = {
         digits=1,
         heatmap_problem="a_equal_budget",
         intro=_digits.INTRO,
-        notes=_digits.control_note,
+        notes=lambda premise, diffs, summary: _digits.control_note(premise, diffs),
     ),
 }
 
@@ -154,14 +155,15 @@ def render(raw: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         table = results_table(summary, problem, suite.digits, suite.factor)
         text += [f"\n[{problem}]", text_table(table)]
         markdown += [f"### {name}: {problem}", markdown_table(table)]
+    notes = suite.notes(info, diffs, summary)
     markdown += [
         f"### {name}: premise check (rank correlation with n_i, NAN spread from uniform)",
         markdown_table(info_table(info)),
-        *suite.notes(info, diffs),
+        *notes,
         f"### {name}: paired differences, coefficient variant minus uniform, same models",
         "Each cell: mean over seeds, then each seed's difference (seed 0/1/...).",
     ]
-    text += ["\n[premise check]", text_table(info_table(info))]
+    text += ["\n[premise check]", text_table(info_table(info)), *notes]
     for problem in problems:
         markdown += [
             f"#### {problem}",

@@ -50,6 +50,8 @@ class Plan:
         for ckpt in [self.base, *self.models]:
             if ckpt is not None:
                 ckpt.close()
+        if self.statistics is not None:
+            self.statistics.close()
 
 
 def _fail(problems: list[str]) -> None:
@@ -265,6 +267,8 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     except BaseException:
         for ckpt in opened:
             ckpt.close()
+        if statistics is not None:
+            statistics.close()
         raise
     return Plan(
         recipe=recipe,

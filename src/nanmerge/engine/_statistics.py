@@ -15,6 +15,7 @@ models.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,13 @@ class Statistics:
     kind: str
     paths: list[Path]
     handles: list[Any]
+    files: ExitStack  # closes the handles: each keeps its file mapped until closed
     device: torch.device
     shapes: dict[str, tuple[int, ...]]
     names: set[str] = field(default_factory=set)
+
+    def close(self) -> None:
+        self.files.close()
 
     def inputs(self, name: str) -> dict[str, torch.Tensor]:
         """The method's keyword inputs for tensor `name`: {kind: (M, ...) float32} or none."""
@@ -100,9 +105,10 @@ def open_statistics(
         return None
     paths = [Path(p) for p in recipe.statistics]
     handles = []
+    files = ExitStack()
     for path in paths:
         try:
-            handle = safe_open(str(path), "pt", device="cpu")
+            handle = files.enter_context(safe_open(str(path), "pt", device="cpu"))
         except (OSError, SafetensorError) as exc:
             problems.append(f"statistics file {path} cannot be read as safetensors ({exc})")
             continue
@@ -114,6 +120,7 @@ def open_statistics(
             )
         handles.append(handle)
     if len(handles) != len(paths):
+        files.close()
         return None
     keys = [set(h.keys()) for h in handles]
     metas = dict(entries)
@@ -152,4 +159,4 @@ def open_statistics(
     except RuntimeError:  # reported by the plan's device check
         device = torch.device("cpu")
     shapes = {name: meta.shape for name, meta in entries}
-    return Statistics(kind, paths, handles, device, shapes, covered - set(partial))
+    return Statistics(kind, paths, handles, files, device, shapes, covered - set(partial))
