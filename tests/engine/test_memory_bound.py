@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -32,8 +33,14 @@ print(json.dumps({"growth": status("VmHWM:") - before, "bound": report["memory"]
 """
 
 
-def test_peak_memory_growth_stays_within_the_reported_bound(tmp_path: Path) -> None:
-    n_tensors, shape, m = 160, (256, 256), 3
+@pytest.mark.parametrize(
+    ("n_tensors", "shape"),
+    [(160, (256, 256)), (20, (1536, 1024))],  # tensors below and above one chunk
+)
+def test_peak_memory_growth_stays_within_the_reported_bound(
+    tmp_path: Path, n_tensors: int, shape: tuple[int, int]
+) -> None:
+    m = 3
     gen = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.weight": torch.randn(shape, generator=gen) for i in range(n_tensors)}
     save_file(base, tmp_path / "base.safetensors")
@@ -43,7 +50,7 @@ def test_peak_memory_growth_stays_within_the_reported_bound(tmp_path: Path) -> N
         save_file(ft, tmp_path / f"ft{j}.safetensors")
         paths.append(str(tmp_path / f"ft{j}.safetensors"))
     del base, ft
-    total_input = (m + 1) * n_tensors * 256 * 256 * 4
+    total_input = (m + 1) * n_tensors * shape[0] * shape[1] * 4
     recipe = {
         "base": str(tmp_path / "base.safetensors"),
         "models": paths,
@@ -57,6 +64,6 @@ def test_peak_memory_growth_stays_within_the_reported_bound(tmp_path: Path) -> N
     )
     assert run.returncode == 0, run.stderr
     measured = json.loads(run.stdout.strip().splitlines()[-1])
-    assert total_input > 10 * measured["bound"]
+    assert total_input > 5 * measured["bound"]
     # allow 16 MiB for interpreter and allocator overhead beyond the stated working set
     assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import nanmerge
 from nanmerge._types import MergeError
+from nanmerge.coefficients import _stats
 from nanmerge.engine import _stream
-from nanmerge.engine._stream import ELEMENTWISE, _BackgroundSink
+from nanmerge.engine._stream import _BackgroundSink
+from nanmerge.methods import _sparsify, tensor_generator
 from tests.conftest import Family, build_family
 
 SHAPES = {f"layers.{i}.weight": (24, 16) for i in range(12)} | {"embed.weight": (64, 16)}
@@ -157,19 +159,33 @@ def test_cuda_merges_match_cpu_merges(wide: Family) -> None:
             torch.testing.assert_close(gpu[k], cpu[k], atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("method", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("method", sorted(n for n, s in nanmerge.METHODS.items() if s.elementwise))
+@pytest.mark.parametrize("coefficients", ["uniform", "nan"])
 def test_elementwise_methods_merged_in_chunks_equal_the_whole_tensor_merge(
-    wide: Family, method: str, monkeypatch: pytest.MonkeyPatch
+    wide: Family, method: str, coefficients: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    whole = nanmerge.merge(recipe(wide, method=method, coefficients="nan"))
-    monkeypatch.setattr(_stream, "CHUNK", 100)  # 1024-entry tensors: 11 chunks, one partial
-    chunked = nanmerge.merge(recipe(wide, method=method, coefficients="nan"))
+    # random masks drawn, and norms summed, in blocks of 50 entries, which divides the chunks
+    monkeypatch.setattr(_sparsify, "DRAW", 50)
+    monkeypatch.setattr(_stats, "NORM_BLOCK", 50)
+    monkeypatch.setattr(_stream, "CHUNK", 1 << 20)  # 1024-entry tensors: one chunk
+    whole = nanmerge.merge(recipe(wide, method=method, coefficients=coefficients))
+    monkeypatch.setattr(_stream, "CHUNK", 100)  # 11 chunks, one partial
+    chunked = nanmerge.merge(recipe(wide, method=method, coefficients=coefficients))
     assert isinstance(whole, dict) and isinstance(chunked, dict)
     for k in whole:
         torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=0)
-    # the method itself, on float32 stacks: chunks of its output are its output on chunks
+    # the method itself, on float32 stacks: its output on chunks (given what `prepare` found
+    # over the whole tensor, one generator continued) is its output on the whole tensor
+    spec = nanmerge.METHODS[method]
     stack = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     base, coef = torch.randn(1000), torch.tensor([0.5, 1.0, 2.0])
-    fn = nanmerge.METHODS[method].fn
-    parts = [fn(stack[:, i : i + 64], coef, base=base[i : i + 64]) for i in range(0, 1000, 64)]
-    assert torch.equal(torch.cat(parts), fn(stack, coef, base=base))
+    draws = {"generator": tensor_generator(0, "w")} if spec.uses_generator else {}
+    whole_output = spec.fn(stack, coef, base=base, **draws)
+    draws = {"generator": tensor_generator(0, "w")} if spec.uses_generator else {}
+    prepared = {} if spec.prepare is None else spec.prepare(list(stack), base, **spec.params)
+    parts = [
+        spec.fn(stack[:, i : i + 100], coef, base=base[i : i + 100], **draws, **prepared, **at)
+        for i in range(0, 1000, 100)
+        for at in [{"offset": i} if spec.prepare else {}]
+    ]
+    assert torch.equal(torch.cat(parts), whole_output)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanmerge.methods import tensor_generator
-from nanmerge.methods._sparsify import band_mask, keep_count, magnitude_mask, random_mask
+from nanmerge.methods._sparsify import DRAW, band_of, keep_count, keep_probability, random_mask
 
 
 def draws(seed: int, name: str) -> list[float]:
@@ -63,8 +63,14 @@ def test_keep_count_rounds_half_up(fraction: float, numel: int, count: int) -> N
     assert keep_count(fraction, numel) == count
 
 
-def test_magnitude_mask_keeps_at_least_one_entry() -> None:
-    mask = magnitude_mask(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), 0.2)
+def band_mask(tau: torch.Tensor, *, density: float, gamma: float = 0.0) -> torch.Tensor:
+    """Each model's band over its own |tau|, stacked like tau."""
+    rows = [band_of(r.abs(), density=density, gamma=gamma).mask(r.abs()) for r in tau.flatten(1)]
+    return torch.stack(rows).reshape(tau.shape)
+
+
+def test_magnitude_band_keeps_at_least_one_entry() -> None:
+    mask = band_mask(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), density=0.2)
     assert mask.tolist() == [[False, True], [True, False]]
 
 
@@ -73,16 +79,34 @@ def test_masks_keep_exact_counts_per_model_despite_equal_magnitudes(density: flo
     tau = torch.ones(3, 4, 25)
     tau[1] *= -1
     assert (
-        magnitude_mask(tau, density).reshape(3, -1).sum(dim=1).tolist()
+        band_mask(tau, density=density).reshape(3, -1).sum(dim=1).tolist()
         == [keep_count(density, 100)] * 3
     )
     band = band_mask(tau, density=density, gamma=0.05)
     assert band.reshape(3, -1).sum(dim=1).tolist() == [keep_count(density, 100)] * 3
 
 
-def test_random_mask_draws_all_models_at_once_from_the_generator() -> None:
-    shape = torch.Size([3, 1000])
-    mask = random_mask(shape, 0.3, tensor_generator(0, "w"), torch.device("cpu"))
-    expected = torch.rand(shape, generator=tensor_generator(0, "w")) < 0.3
-    assert torch.equal(mask, expected)
-    assert 0.25 < float(mask.float().mean()) < 0.35
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1 / 65536])
+def test_random_mask_keeps_entries_with_the_rounded_density_independently_per_model(
+    density: float,
+) -> None:
+    shape = torch.Size([3, 10, 60_000])  # 600_000 entries: blocks of DRAW, the last partial
+    mask = random_mask(shape, density, tensor_generator(0, "w"), torch.device("cpu"))
+    p, n = keep_probability(density), 600_000
+    assert abs(p - density) <= 2**-17
+    rows = mask.reshape(3, -1).double()
+    for row in rows:  # within 5 standard deviations of the binomial count
+        assert abs(float(row.sum()) - n * p) <= 5 * (n * p * (1 - p)) ** 0.5 + 1
+    if 0.05 < p < 0.95:
+        agree = float((rows[0] == rows[1]).double().mean())  # independent rows: p^2 + (1-p)^2
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.005
+
+
+def test_random_mask_of_chunks_continuing_one_generator_equals_the_whole_mask() -> None:
+    whole = random_mask(torch.Size([2, 5 * DRAW + 7]), 0.5, tensor_generator(1, "w"), "cpu")
+    gen = tensor_generator(1, "w")
+    chunks = [
+        random_mask(torch.Size([2, min(2 * DRAW, 5 * DRAW + 7 - b)]), 0.5, gen, "cpu")
+        for b in range(0, 5 * DRAW + 7, 2 * DRAW)
+    ]
+    assert torch.equal(torch.cat(chunks, dim=1), whole)

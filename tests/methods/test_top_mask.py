@@ -1,11 +1,13 @@
-"""Trimming by selection keeps exactly k entries, the largest, with ties broken by index."""
+"""Trimming by selection keeps exactly k entries, the largest, with ties broken by index;
+the cut, applied to slices on their own, gives the same entries."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nanmerge.methods._sparsify import band_mask, top_mask
+from nanmerge.methods._sparsify import SAMPLE, _bracketed_cut, band_of, top_cut
+from tests.methods.test_sparsify import band_mask
 
 
 def reference_top(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -26,22 +28,26 @@ def layouts(n: int) -> dict[str, torch.Tensor]:
         "mostly zeros": sparse,
         "ascending": torch.arange(n, dtype=torch.float32),
         "constant": torch.full((n,), 0.5),
+        # every entry a strided sample would see is 0: the sample misplaces the k-th largest
+        "misleading sample": torch.rand(n, generator=gen).index_fill_(
+            0, torch.arange(0, n, max(1, n // SAMPLE)), 0.0
+        ),
     }
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_003])
-def test_top_mask_is_the_stable_sort_prefix(n: int) -> None:
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_003, 4 * SAMPLE + 5])  # the last: bracketed
+def test_top_cut_is_the_stable_sort_prefix(n: int) -> None:
     for layout, values in layouts(n).items():
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-            mask = top_mask(values, k)
+            mask = top_cut(values, k).mask(values)
             assert mask.dtype == torch.bool and mask.shape == values.shape
             assert torch.equal(mask, reference_top(values, k)), (layout, k)
 
 
-def test_top_mask_does_not_modify_its_input() -> None:
+def test_top_cut_does_not_modify_its_input() -> None:
     values = torch.randn(5000).abs()
     copy = values.clone()
-    top_mask(values, 1234)
+    top_cut(values, 1234)
     assert torch.equal(values, copy)
 
 
@@ -56,3 +62,20 @@ def test_band_mask_drops_exactly_the_top_and_keeps_exactly_the_next(
         expected = reference_top(row, n_top + n_keep) & ~reference_top(row, n_top)
         assert torch.equal(kept, expected)
         assert int(kept.sum()) == n_keep
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 1000])
+def test_cuts_applied_slice_by_slice_equal_the_whole_mask(step: int) -> None:
+    for layout, values in layouts(1000).items():
+        for density, gamma in [(0.5, 0.0), (0.3, 0.2), (0.999, 0.0)]:
+            band = band_of(values, density=density, gamma=gamma)
+            parts = [band.mask(values[i : i + step], offset=i) for i in range(0, 1000, step)]
+            assert torch.equal(torch.cat(parts), band.mask(values)), (layout, density, gamma)
+
+
+def test_the_bracket_is_used_when_the_sample_is_fair_and_refused_when_it_misleads() -> None:
+    n = 4 * SAMPLE + 5
+    shapes = layouts(n)
+    fair = _bracketed_cut(shapes["continuous"].numpy(), n // 2)
+    assert fair == top_cut(shapes["continuous"], n // 2)
+    assert _bracketed_cut(shapes["misleading sample"].numpy(), n // 2) is None

@@ -8,7 +8,7 @@ import torch
 
 from nanmerge._types import TensorStats
 
-_BLOCK = 4096
+NORM_BLOCK = 4096
 
 
 def _sumsq(x: torch.Tensor) -> float:
@@ -17,8 +17,8 @@ def _sumsq(x: torch.Tensor) -> float:
     Non-finite entries make the result non-finite, which the engine uses as its check.
     """
     flat = x.reshape(-1)
-    whole = flat.numel() - flat.numel() % _BLOCK
-    blocks = [flat[:whole].view(-1, _BLOCK), flat[whole:].view(1, -1)]
+    whole = flat.numel() - flat.numel() % NORM_BLOCK
+    blocks = [flat[:whole].view(-1, NORM_BLOCK), flat[whole:].view(1, -1)]
     return sum(
         float(torch.linalg.vector_norm(b, dim=1).to(torch.float64).square().sum()) for b in blocks
     )

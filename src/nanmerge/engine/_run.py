@@ -20,7 +20,7 @@ from nanmerge._version import __version__
 from nanmerge.coefficients import model_norms, near_uniform_warning
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._plan import Plan, plan
-from nanmerge.engine._stream import merge_stream, norm_pass
+from nanmerge.engine._stream import CHUNK, merge_stream, norm_pass
 from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
 
 RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
@@ -73,28 +73,55 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
 def memory_bound(p: Plan) -> dict[str, Any]:
     """Upper estimate of the merge's working set above the interpreter, stated in the report.
 
-    Per tensor being worked on: the M float32 copies, the float32 base and one raw read buffer
-    (M + 2), plus the method's float32 workspace (task vectors, magnitudes, masks: at most
-    6M + 2 for TIES/DARE). Each loader thread may hold one more such working set (loaded
-    tensors, and freed memory its allocator arena keeps); with threads > 0 the writer thread
-    also holds up to two merged tensors (2 L at most), within that allowance. Growth measured
-    with M = 3, TIES/DARE/task arithmetic (see docs/PERFORMANCE.md): 256 KiB tensors, at most
-    20 L, 44 L and 51 L with threads = 0, 1, 2 (bounds 25 L, 50 L, 75 L: per-thread malloc
-    arenas keep freed small blocks); 64 MiB tensors, at most 16 L, 20 L and 24 L.
-    The writer buffers no shard: each tensor goes to disk as it is merged.
+    L is the largest tensor in float32 bytes. Elementwise methods (task arithmetic, weight
+    averaging, TIES, DARE, breadcrumbs) hold per tensor the M + 1 tensors as read, the merged
+    tensor, and for trimming the magnitudes and the selection's copy of one model at a time:
+    (M + 4) L, plus the chunk buffers, (6M + 4) float32 chunks of at most CHUNK entries.
+    Other methods merge the whole float32 stack: the M float32 copies, the float32 base and
+    one raw read buffer (M + 2), plus the method's workspace (at most 6M + 2): (7M + 4) L.
+    Each loader thread may hold one more such working set; with threads > 0 the writer
+    thread also holds up to two merged tensors (2 L at most), within that allowance. RegMean
+    adds its Grams (`gram_bound`) on the merging thread. The writer buffers no shard: each
+    tensor goes to disk as it is merged. Measured growth: docs/PERFORMANCE.md.
     """
     m = len(p.models)
     largest_name, largest = max(p.entries, key=lambda e: e[1].numel)
     unit = largest.numel * 4
-    bound = (p.recipe.threads + 1) * (7 * m + 4) * unit
+    if p.method.elementwise:
+        chunk = 4 * min(CHUNK, largest.numel)
+        per_thread = (m + 4) * unit + (6 * m + 4) * chunk
+        formula = "(threads + 1) * ((M + 4) * L + (6M + 4) * C)"
+    else:
+        per_thread = (7 * m + 4) * unit
+        formula = "(threads + 1) * (7M + 4) * L"
+    grams = gram_bound(p)
+    if grams:
+        formula += " + (11M + 12) * 4 d^2 for regmean's Grams"
     return {
-        "bound_bytes": bound,
-        "formula": "(threads + 1) * (7M + 4) * L, L = largest tensor in float32 bytes",
+        "bound_bytes": (p.recipe.threads + 1) * per_thread + grams,
+        "formula": formula
+        + "; L = largest tensor in float32 bytes"
+        + (f", C = {4 * CHUNK} bytes (a float32 chunk)" if p.method.elementwise else ""),
         "largest_tensor": largest_name,
         "largest_tensor_float32_bytes": unit,
         "models": m,
         "threads": p.recipe.threads,
     }
+
+
+def gram_bound(p: Plan) -> int:
+    """Bytes regmean adds to the bound: one tensor's Grams at a time, on the merging thread.
+
+    For the widest weight with a Gram (d inputs), D = 4 d^2: the stacked float32 Grams,
+    their float64 copy, its diagonal and the two shrinkage temporaries with their sum peak
+    at 11 M D; the solve adds at most 12 D (measured: 10.1-10.9 M D above the inputs for
+    M = 1, 3, 6). Fisher fits the method workspace and needs no term.
+    """
+    s = p.statistics
+    if s is None or s.kind != "gram" or not s.names:
+        return 0
+    d = max(s.shapes[n][-1] if len(s.shapes[n]) == 2 else 1 for n in s.names)
+    return (11 * len(p.models) + 12) * 4 * d * d
 
 
 def _versions() -> dict[str, str]:

@@ -12,7 +12,7 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -23,14 +23,17 @@ from tqdm import tqdm
 
 from nanmerge._types import Coefficients, MergeError, TensorStats
 from nanmerge.coefficients import tensor_stats
+from nanmerge.coefficients._stats import NORM_BLOCK
 from nanmerge.engine._plan import Plan
 from nanmerge.methods import tensor_generator
+from nanmerge.methods._sparsify import DRAW
 
-# Methods whose output entry depends only on the same entry of every input. They are merged
-# in chunks of CHUNK entries per model: every pass then runs on cache-sized, reused buffers
-# instead of fresh tensor-sized ones, and no float32 copy of the whole tensor is made.
-ELEMENTWISE = frozenset({"task_arithmetic", "weight_average"})
-CHUNK = 1 << 21
+# Elementwise methods (the registry says which) are merged in chunks of CHUNK entries per
+# model: every pass then runs on cache-sized, reused buffers instead of fresh tensor-sized
+# ones, and no float32 copy of the whole tensor is made. A multiple of DRAW and of the norms'
+# block, so that random masks and statistics do not depend on where chunks begin.
+CHUNK = 1 << 19
+assert CHUNK % DRAW == 0 and CHUNK % NORM_BLOCK == 0
 
 
 @dataclass
@@ -57,8 +60,11 @@ def _check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
         )
 
 
-def _chunks(item: Loaded) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
-    """The float32 (M, c) stack and (c,) base of successive chunks of the flattened tensor.
+def _chunks(
+    item: Loaded,
+) -> Generator[tuple[int, torch.Tensor, torch.Tensor | None], None, None]:
+    """The offset, float32 (M, c) stack and (c,) base of successive chunks of the flattened
+    tensor.
 
     The two buffers are reused from chunk to chunk; on a GPU the whole tensor is one chunk.
     """
@@ -77,22 +83,25 @@ def _chunks(item: Loaded) -> Generator[tuple[torch.Tensor, torch.Tensor | None],
         base_part = None
         if base is not None and base_buffer is not None:
             base_part = base_buffer[: end - begin].copy_(base[begin:end])
-        yield part, base_part
+        yield begin, part, base_part
 
 
-def checked_stats(plan: Plan, item: Loaded) -> TensorStats:
+def checked_stats(
+    plan: Plan, item: Loaded, parts: Iterable[TensorStats] | None = None
+) -> TensorStats:
     """The tensor's statistics, which double as the finiteness check of every input.
 
-    Computed chunk by chunk (the same way in the norm pass and in the merge, so both give
-    the same numbers). A sum of squares is finite exactly when every entry is (norms are
-    scaled against overflow), so the inputs are scanned entry by entry only when a sum is
-    not finite, to name the damaged one.
+    Summed over chunks: `parts` collected by a merge on the way, or computed here chunk by
+    chunk (the same way, so both give the same numbers). A sum of squares is finite exactly
+    when every entry is (norms are scaled against overflow), so the inputs are scanned entry
+    by entry only when a sum is not finite, to name the damaged one.
     """
     assert item.models is not None  # floating tensors always carry their models
+    if parts is None:
+        parts = (tensor_stats(stack, base) for _, stack, base in _chunks(item))
     finetuned = [0.0] * len(item.models)
     task_vector = None if item.base is None else [0.0] * len(item.models)
-    for stack, base in _chunks(item):
-        part = tensor_stats(stack, base)
+    for part in parts:
         finetuned = [a + b for a, b in zip(finetuned, part.sumsq_finetuned, strict=True)]
         if task_vector is not None and part.sumsq_task_vector is not None:
             task_vector = [a + b for a, b in zip(task_vector, part.sumsq_task_vector, strict=True)]
@@ -110,27 +119,43 @@ def checked_stats(plan: Plan, item: Loaded) -> TensorStats:
 
 
 def merge_tensor(
-    plan: Plan, item: Loaded, coef: torch.Tensor, dtype: torch.dtype, **extra: object
+    plan: Plan,
+    item: Loaded,
+    coef: torch.Tensor,
+    dtype: torch.dtype,
+    inputs: Mapping[str, object],
+    stats: list[TensorStats] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor in float32 and cast it to `dtype`: chunk by chunk when the method is
-    elementwise, else over the whole (M, *shape) stack."""
+    elementwise (after its `prepare` step over the whole tensor), else over the whole
+    (M, *shape) stack.
+
+    `inputs` are the method's per-tensor keyword inputs (generator, statistics). A chunked
+    merge appends each chunk's statistics to `stats` when given: one pass over the inputs
+    instead of two.
+    """
     assert item.models is not None
-    fn, params = plan.method.fn, {**plan.params, **extra}
+    spec, params = plan.method, {**plan.params, **inputs}
     shape, device = item.models[0].shape, item.models[0].device
-    if plan.method.name in ELEMENTWISE:
+    if spec.elementwise:
+        if spec.prepare is not None:
+            params |= spec.prepare(item.models, item.base, **params)
         out = torch.empty(shape, dtype=dtype, device=device)
-        flat, begin = out.reshape(-1), 0
-        for stack, base in _chunks(item):
-            end = begin + stack.shape[1]
-            flat[begin:end] = fn(stack, coef, base=base, **params)
-            begin = end
+        flat = out.reshape(-1)
+        for begin, stack, base in _chunks(item):
+            if stats is not None:
+                stats.append(tensor_stats(stack, base))
+            where = {} if spec.prepare is None else {"offset": begin}
+            flat[begin : begin + stack.shape[1]] = spec.fn(
+                stack, coef, base=base, **params, **where
+            )
         return out
     stack = torch.empty((len(item.models), *shape), dtype=torch.float32, device=device)
     for row, tensor in zip(stack, item.models, strict=True):
         row.copy_(tensor)
     base = None if item.base is None else item.base.to(torch.float32)
     item.models = item.base = None  # the float32 copies replace what was read
-    return fn(stack, coef, base=base, **params).to(dtype)
+    return spec.fn(stack, coef, base=base, **params).to(dtype)
 
 
 def load(plan: Plan, name: str) -> Loaded:
@@ -257,18 +282,28 @@ def merge_stream(
         if item.models is None:
             assert item.raw is not None
             return item.raw
-        st = checked_stats(plan, item)
-        stats[item.name] = st
-        if per_tensor:
-            part = plan.estimator.fn({item.name: st}, plan.model_names, **plan.estimator_options)
-            coefficients.per_tensor.update(part.per_tensor)
-            coefficients.warnings += part.warnings
-        extra = (
-            {"generator": tensor_generator(plan.recipe.seed, item.name)} if wants_generator else {}
-        )
-        coef = coefficients.for_tensor(item.name).to(item.models[0].device)
-        inputs = {} if plan.statistics is None else plan.statistics.inputs(item.name)
-        return merge_tensor(plan, item, coef, out_meta[item.name].dtype, **extra, **inputs)
+        inputs: dict[str, object] = {}
+        if wants_generator:
+            inputs["generator"] = tensor_generator(plan.recipe.seed, item.name)
+        if plan.statistics is not None:
+            inputs |= plan.statistics.inputs(item.name)
+        dtype, device = out_meta[item.name].dtype, item.models[0].device
+        if per_tensor or not plan.method.elementwise:
+            st = stats[item.name] = checked_stats(plan, item)
+            if per_tensor:
+                part = plan.estimator.fn(
+                    {item.name: st}, plan.model_names, **plan.estimator_options
+                )
+                coefficients.per_tensor.update(part.per_tensor)
+                coefficients.warnings += part.warnings
+            coef = coefficients.for_tensor(item.name).to(device)
+            return merge_tensor(plan, item, coef, dtype, inputs)
+        # the coefficients are known: the statistics are collected in the merge's own pass
+        coef = coefficients.for_tensor(item.name).to(device)
+        parts: list[TensorStats] = []
+        merged = merge_tensor(plan, item, coef, dtype, inputs, parts)
+        stats[item.name] = checked_stats(plan, item, parts)
+        return merged
 
     names = [n for n, _ in plan.entries]
     bar = tqdm(

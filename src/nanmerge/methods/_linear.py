@@ -8,7 +8,7 @@ from nanmerge._types import MergeError
 from nanmerge.methods._registry import register
 
 
-@register(reference="https://arxiv.org/abs/2203.05482", needs_base=False)
+@register(reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True)
 def weight_average(
     tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -23,5 +23,5 @@ def weight_average(
             f"weight_average: the coefficients {coef.tolist()} sum to 0, so they cannot be "
             f"normalized; give coefficients with a nonzero sum"
         )
-    weights = (coef / total).reshape((-1,) + (1,) * (tensors.dim() - 1))
-    return (weights * tensors).sum(dim=0)
+    # a weighted sum over models is one matrix-vector product
+    return torch.mv(tensors.reshape(len(coef), -1).t(), coef / total).view(tensors.shape[1:])

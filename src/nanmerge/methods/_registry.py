@@ -21,8 +21,9 @@ from nanmerge._types import MergeError
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
-# Keyword arguments that are inputs rather than hyperparameters.
-_INPUTS = ("base", "generator")
+# Keyword arguments that are inputs rather than hyperparameters (`bands` and `offset` carry
+# a chunked merge's per-tensor preparation and the chunk's position).
+_INPUTS = ("base", "generator", "bands", "offset")
 # Per-tensor statistics a data-informed method reads (stacked (M, ...), one per model); the
 # engine looks them up by tensor name in the recipe's `statistics` files.
 STATISTICS = ("fisher", "gram")
@@ -41,6 +42,11 @@ class MethodSpec:
     params: dict[str, object]
     uses_generator: bool = False
     statistics: tuple[str, ...] = ()
+    # Elementwise methods can be merged chunk by chunk of the flattened tensor. `prepare`,
+    # when set, computes from the whole tensors (models as read, base) the keyword inputs
+    # that make the method elementwise, and the method then takes each chunk's `offset`.
+    elementwise: bool = False
+    prepare: Callable[..., dict[str, Any]] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -53,6 +59,8 @@ def register(
     needs_base: bool,
     min_models: int = 1,
     max_models: int | None = None,
+    elementwise: bool = False,
+    prepare: Callable[..., dict[str, Any]] | None = None,
 ) -> Callable[[F], F]:
     """Register a merge function under its own name.
 
@@ -91,6 +99,8 @@ def register(
             params=params,
             uses_generator="generator" in signature.parameters,
             statistics=tuple(n for n in signature.parameters if n in STATISTICS),
+            elementwise=elementwise,
+            prepare=prepare,
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)

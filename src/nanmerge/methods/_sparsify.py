@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# Flat entries per random draw; chunked merges use chunks that are multiples of it.
+DRAW = 1 << 16
+# Entries sampled to locate the k-th largest magnitude before selecting near it.
+SAMPLE = 1 << 16
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -32,59 +38,118 @@ def keep_count(fraction: float, numel: int) -> int:
     return min(numel, math.floor(fraction * numel + 0.5))
 
 
-def magnitude_mask(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
-    """Per model, True for the k = max(1, round(density * numel)) largest |entries|."""
-    return band_mask(task_vectors, density=density, gamma=0.0)
+@dataclass(frozen=True)
+class Cut:
+    """The k largest entries of one model's flattened tensor, as a rule that any slice of it
+    can apply alone: entries above `threshold`, then entries equal to it whose flat index
+    is at most `last_tie` (-1: none)."""
+
+    threshold: float
+    last_tie: int
+
+    def mask(self, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The rule over a 1-D slice holding flat entries offset, offset + 1, ..."""
+        mask = values > self.threshold
+        stop = self.last_tie + 1 - offset
+        if stop > 0:
+            mask[:stop] |= values[:stop] == self.threshold
+        return mask
 
 
-def band_mask(task_vectors: torch.Tensor, *, density: float, gamma: float) -> torch.Tensor:
-    """Per model, drop the round(gamma * numel) largest |entries|, keep the next ones.
+KEEP_ALL = Cut(-math.inf, -1)
+KEEP_NONE = Cut(math.inf, -1)
 
-    The kept count is max(1, round(density * numel)); when the two counts overlap the
-    kept count wins and fewer outliers are dropped (as mergekit does).
+
+@dataclass(frozen=True)
+class Band:
+    """Keep what `keep` selects and `drop` does not (breadcrumbs drops the top outliers)."""
+
+    keep: Cut
+    drop: Cut = KEEP_NONE
+
+    def mask(self, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        mask = self.keep.mask(values, offset)
+        if self.drop is not KEEP_NONE:
+            mask &= ~self.drop.mask(values, offset)
+        return mask
+
+
+def band_of(magnitudes: torch.Tensor, *, density: float, gamma: float) -> Band:
+    """The band of one model's 1-D magnitudes: drop the round(gamma * numel) largest, keep
+    the next max(1, round(density * numel)).
+
+    When the two counts overlap the kept count wins and fewer outliers are dropped (as
+    mergekit does). Both cuts break ties in index order, so the nested choice is consistent.
     """
-    m = task_vectors.shape[0]
-    flat = task_vectors.reshape(m, -1)
-    numel = flat.shape[1]
+    numel = magnitudes.numel()
     n_keep = max(1, keep_count(density, numel))
     n_top = min(keep_count(gamma, numel), numel - n_keep)
     if n_keep == numel:
-        return torch.ones_like(task_vectors, dtype=torch.bool)
-    mask = torch.empty_like(flat, dtype=torch.bool)
-    for row, out in zip(flat, mask, strict=True):
-        magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
-        out.copy_(top_mask(magnitudes, n_top + n_keep))
-        if n_top:
-            out &= ~top_mask(magnitudes, n_top)  # nested: ties are broken the same way in both
-    return mask.reshape(task_vectors.shape)
+        return Band(KEEP_ALL)
+    return Band(top_cut(magnitudes, n_top + n_keep), top_cut(magnitudes, n_top))
 
 
-def top_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """True for exactly k entries of a 1-D tensor: every entry above the k-th largest, then
-    entries equal to it in index order, so the choice is deterministic.
+def top_cut(values: torch.Tensor, k: int) -> Cut:
+    """The cut keeping exactly k entries of a 1-D tensor: every entry above the k-th
+    largest, then entries equal to it in index order, so the choice is deterministic.
 
-    On CPU this runs in numpy (a dependency of nanmerge): its introselect and counting are
-    10-20 times faster than torch's `kthvalue` and bool reductions, and nothing is sorted.
+    On CPU the k-th largest comes from numpy (a dependency of nanmerge), whose introselect
+    is 10-20 times faster than torch's `kthvalue` here; nothing is sorted.
     """
     n = values.numel()
-    if k <= 0 or k >= n:
-        return torch.full_like(values, k > 0, dtype=torch.bool)
+    if k <= 0:
+        return KEEP_NONE
+    if k >= n:
+        return KEEP_ALL
     if values.device.type != "cpu":
-        threshold = values.kthvalue(n - k + 1).values
-        mask = values > threshold
-        equal = (values == threshold).nonzero()[: k - int(mask.sum()), 0]
-        mask[equal] = True
-        return mask
+        threshold = float(values.kthvalue(n - k + 1).values)
+        missing = k - int(torch.count_nonzero(values > threshold))
+        ties = (values == threshold).nonzero()[: max(missing, 0), 0]
+        return Cut(threshold, int(ties[-1]) if len(ties) else -1)
     array = values.detach().numpy()
-    selected = array.copy()
-    selected.partition(n - k)  # selected[n - k] is now the k-th largest
-    threshold = selected[n - k]
+    if n >= 4 * SAMPLE and (cut := _bracketed_cut(array, k)) is not None:
+        return cut
+    return _cut_among(array, np.arange(n), k)
+
+
+def _bracketed_cut(array: np.ndarray, k: int) -> Cut | None:
+    """The cut from a selection among the entries near the k-th largest only.
+
+    A strided sample of SAMPLE entries places the k-th largest between two sample values,
+    four standard deviations of the sample's rank either side; one pass then counts the
+    entries above the bracket and gathers those inside it (about 2% of them at k = n/2).
+    None when the k-th largest is not inside (the caller then selects among all entries).
+    """
+    n = array.size
+    sample = np.sort(array[:: n // SAMPLE])
+    rank = (n - k) / n * sample.size  # where the k-th largest falls in the ascending sample
+    margin = 4.0 * math.sqrt(max(rank * (sample.size - rank) / sample.size, 1.0)) + 2.0
+    low = sample[max(0, math.floor(rank - margin))]
+    high = sample[min(sample.size - 1, math.ceil(rank + margin))]
+    above = int(np.count_nonzero(array > high))
+    positions = np.flatnonzero((array >= low) & (array <= high))
+    if not 0 < k - above <= positions.size:
+        return None
+    return _cut_among(array[positions], positions, k - above)
+
+
+def _cut_among(values: np.ndarray, positions: np.ndarray, k: int) -> Cut:
+    """The cut keeping the k largest of `values` (entries at ascending flat `positions`),
+    when every entry not among them is known to be smaller than their k-th largest or kept."""
+    selected = values.copy()
+    selected.partition(values.size - k)  # selected[size - k] is now the k-th largest
+    threshold = float(selected[values.size - k])
     del selected
-    flags = array > threshold
-    missing = k - int(np.count_nonzero(flags))
-    if missing > 0:
-        flags[np.flatnonzero(array == threshold)[:missing]] = True
-    return torch.from_numpy(flags)
+    missing = k - int(np.count_nonzero(values > threshold))
+    # fewer ties than missing only with NaN entries, which the engine then reports
+    ties = positions[values == threshold][: max(missing, 0)]
+    return Cut(threshold, int(ties[-1]) if len(ties) else -1)
+
+
+def keep_probability(density: float) -> float:
+    """The probability a random mask keeps an entry: `density` rounded to a multiple of
+    2^-16 (at least 2^-16), within 8e-6 of it; DARE rescales by this, so it stays unbiased."""
+    return max(1, round(density * 65536)) / 65536
 
 
 def random_mask(
@@ -93,11 +158,26 @@ def random_mask(
     generator: torch.Generator | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """True with probability `density`, all models drawn in one call on the generator's device.
+    """True with probability `keep_probability(density)`, drawn on the generator's device in
+    blocks of DRAW flat entries, all models per block.
 
-    Drawing on the generator's device (CPU for `tensor_generator`) keeps the masks the same
-    whether the merge runs on CPU or GPU.
+    Each entry compares a 16-bit draw with the probability: one 64-bit draw gives three of
+    them (its low 48 bits), three times fewer generator steps than a float per entry.
+    Drawing block by block makes a tensor's masks the same whether it is merged whole or in
+    chunks that are multiples of DRAW (each chunk continuing the same generator), and
+    drawing on the generator's device (CPU for `tensor_generator`) keeps them the same on
+    CPU and GPU.
     """
     draw_device = generator.device if generator is not None else device
-    draws = torch.rand(shape, generator=generator, device=draw_device)
-    return (draws < density).to(device)
+    m, numel = shape[0], math.prod(shape[1:])
+    levels = round(keep_probability(density) * 65536)
+    mask = torch.ones((m, numel), dtype=torch.bool, device=device)
+    if levels == 65536:
+        return mask.reshape(shape)
+    for begin in range(0, numel, DRAW):
+        width = min(DRAW, numel - begin)
+        words = torch.empty((m, -(-width // 3)), dtype=torch.int64, device=draw_device)
+        lanes = words.random_(generator=generator).view(torch.int16).view(m, -1, 4)
+        draws = lanes[:, :, :3].reshape(m, -1)[:, :width]  # signed: u16 - 32768
+        mask[:, begin : begin + width] = draws < levels - 32768
+    return mask.reshape(shape)

@@ -7,12 +7,13 @@ entries are combined. The presets are data passed to one function, not copies of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from nanmerge.methods._registry import register
-from nanmerge.methods._sparsify import band_mask, magnitude_mask, random_mask
+from nanmerge.methods._sparsify import Band, band_of, keep_probability, random_mask
 
 Sparsify = Literal["magnitude", "random", "breadcrumbs"] | None
 Merge = Literal["mean", "sum"]
@@ -30,6 +31,8 @@ def _generalized_task_arithmetic(
     consensus: bool = False,
     merge: Merge = "sum",
     generator: torch.Generator | None = None,
+    bands: Sequence[Band] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """base + scale * merge_i(coef_i * sparsify(tau_i)), optionally keeping elected signs only.
 
@@ -37,33 +40,74 @@ def _generalized_task_arithmetic(
     coef_i * tau_i has that sign, so zeros (and entries whose elected sum is exactly zero)
     contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
     that is 0); "sum" does not divide.
+
+    Every step is elementwise once each model's magnitude band is known, so a chunk of a
+    tensor (flat entries offset, offset + 1, ...) is merged alone when `bands` come from
+    `task_vector_bands` over the whole tensor.
     """
     # `task_vectors` is this function's own buffer: later steps update it in place (the same
     # values as out-of-place ops, without a fresh (M, *shape) allocation per step).
     task_vectors = tensors - base
-    if sparsify == "magnitude":
-        task_vectors.mul_(magnitude_mask(task_vectors, density))
-    elif sparsify == "breadcrumbs":
-        task_vectors.mul_(band_mask(task_vectors, density=density, gamma=gamma))
+    flat = task_vectors.view(tensors.shape[0], -1)
+    if sparsify in ("magnitude", "breadcrumbs"):
+        drop = gamma if sparsify == "breadcrumbs" else 0.0
+        for i, row in enumerate(flat):
+            magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
+            band = band_of(magnitudes, density=density, gamma=drop) if bands is None else bands[i]
+            row.mul_(band.mask(magnitudes, offset))
     elif sparsify == "random":
         keep = random_mask(task_vectors.shape, density, generator, task_vectors.device)
-        task_vectors.mul_(keep).div_(density)
+        task_vectors.mul_(keep).div_(keep_probability(density))
+    if not consensus:
+        # a weighted sum over models is one matrix-vector product
+        merged = torch.mv(flat.t(), coef).view(tensors.shape[1:])
+        total = float(coef.sum())
+        if merge == "mean":
+            merged.div_(total) if total != 0 else merged.zero_()  # 0 where no coefficient is kept
+        return merged.mul_(scale).add_(base)
     weights = coef.reshape((-1,) + (1,) * (tensors.dim() - 1))
     weighted = task_vectors.mul_(weights)
-    if consensus:
-        elected = weighted.sum(dim=0).sign()
-        # sign(w) == elected != 0 exactly when w * elected > 0 (elected is -1, 0 or 1)
-        kept = torch.mul(weighted, elected).gt_(0)
-        weighted.mul_(kept)
-        weights = kept.mul_(weights)
-    merged = weighted.sum(dim=0)
+    elected = weighted.sum(dim=0).sign()
+    # sign(w) == elected != 0 exactly when w * elected > 0 (elected is -1, 0 or 1)
+    kept = torch.mul(weighted, elected).gt_(0)  # 1.0 where kept, else 0.0
+    merged = weighted.mul_(kept).sum(dim=0)
     if merge == "mean":
-        divisor = weights.sum(dim=0)
+        divisor = torch.mv(kept.view(flat.shape).t(), coef).view(merged.shape)
         merged.div_(divisor).masked_fill_(divisor == 0, 0.0)  # 0 where no coefficient is kept
     return merged.mul_(scale).add_(base)
 
 
-@register(reference="https://arxiv.org/abs/2212.04089", needs_base=True)
+def task_vector_bands(
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    density: float,
+    gamma: float = 0.0,
+    **_: object,
+) -> dict[str, list[Band]]:
+    """Each model's magnitude band over its whole task vector: what makes trimming methods
+    elementwise, so they can be merged chunk by chunk (`bands` of their merge function).
+
+    One model at a time, in one float32 workspace of the tensor's size: tau_i is formed in
+    float32 from the tensors as stored (bf16 included), as the merge forms it, converting
+    the base in small pieces (mixed-dtype arithmetic is slow in torch).
+    """
+    base = base.reshape(-1)
+    numel, step = base.numel(), 1 << 16
+    magnitudes = torch.empty(numel, dtype=torch.float32, device=base.device)
+    piece = torch.empty(min(step, numel), dtype=torch.float32, device=base.device)
+    bands = []
+    for model in models:
+        flat = model.reshape(-1)
+        for begin in range(0, numel, step):
+            part, end = magnitudes[begin : begin + step], min(begin + step, numel)
+            part.copy_(flat[begin:end]).sub_(piece[: end - begin].copy_(base[begin:end])).abs_()
+        band = band_of(magnitudes, density=density, gamma=gamma)
+        bands.append(band)
+    return {"bands": bands}
+
+
+@register(reference="https://arxiv.org/abs/2212.04089", needs_base=True, elementwise=True)
 def task_arithmetic(
     tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor, scale: float = 0.3
 ) -> torch.Tensor:
@@ -80,7 +124,12 @@ def task_arithmetic(
     )
 
 
-@register(reference="https://arxiv.org/abs/2306.01708", needs_base=True)
+@register(
+    reference="https://arxiv.org/abs/2306.01708",
+    needs_base=True,
+    elementwise=True,
+    prepare=task_vector_bands,
+)
 def ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
@@ -89,6 +138,8 @@ def ties(
     density: float = 0.2,
     scale: float = 1.0,
     merge: Merge = "mean",
+    bands: Sequence[Band] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """TIES: trim each task vector to its top-k magnitudes, elect signs, merge agreeing entries.
 
@@ -109,10 +160,12 @@ def ties(
         density=density,
         consensus=True,
         merge=merge,
+        bands=bands,
+        offset=offset,
     )
 
 
-@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True)
+@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True, elementwise=True)
 def dare_linear(
     tensors: torch.Tensor,
     coef: torch.Tensor,
@@ -139,7 +192,7 @@ def dare_linear(
     )
 
 
-@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True)
+@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True, elementwise=True)
 def dare_ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
@@ -169,7 +222,12 @@ def dare_ties(
     )
 
 
-@register(reference="https://arxiv.org/abs/2312.06795", needs_base=True)
+@register(
+    reference="https://arxiv.org/abs/2312.06795",
+    needs_base=True,
+    elementwise=True,
+    prepare=task_vector_bands,
+)
 def breadcrumbs(
     tensors: torch.Tensor,
     coef: torch.Tensor,
@@ -178,6 +236,8 @@ def breadcrumbs(
     density: float = 0.9,
     gamma: float = 0.01,
     scale: float = 0.3,
+    bands: Sequence[Band] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Model Breadcrumbs: per model drop the top gamma outliers and the small tail, then sum.
 
@@ -195,4 +255,6 @@ def breadcrumbs(
         sparsify="breadcrumbs",
         density=density,
         gamma=gamma,
+        bands=bands,
+        offset=offset,
     )
