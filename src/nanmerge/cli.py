@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 import typing
@@ -115,6 +116,7 @@ def _coefficient_table(coefs: Coefficients) -> str:
 @click.version_option(package_name="nanmerge")
 def main() -> None:
     """nanmerge: merge fine-tuned models with norm-aware (NAN) coefficients."""
+    _keep_freed_memory()
 
 
 def _plan_details(report: dict[str, Any]) -> str:
@@ -140,6 +142,23 @@ def _plan_details(report: dict[str, Any]) -> str:
             for name, values in per_tensor.items()
         ]
     return "\n".join(lines)
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse rather than hand it back to the kernel.
+
+    A merge frees and allocates tensor-sized buffers all the time; by default glibc returns
+    large ones to the kernel, and each reuse then faults in fresh zeroed pages (on the
+    `small` benchmark model: 390K page faults and 2.8 s of system time per merge, against
+    144K and 1.2 s with this; peak RSS unchanged). Only the CLI does this, since it owns
+    its process; a library call leaves the caller's allocator alone. No-op off glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap, not mmap, up to glibc's 32 MiB maximum
 
 
 def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:

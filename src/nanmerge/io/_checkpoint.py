@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -36,6 +36,13 @@ class CheckpointReader(ABC):
     @abstractmethod
     def __getitem__(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor that owns its memory; callers may modify or free it."""
+
+    def read(self, name: str, memory: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """`self[name]`, read into `memory(nbytes)` (a uint8 CPU tensor) by readers that read
+        raw bytes, so a caller can reuse one buffer across tensors instead of faulting in
+        fresh pages for each; the result is valid until that memory is reused. Other readers
+        return `self[name]`."""
+        return self[name]
 
     @abstractmethod
     def close(self) -> None:

@@ -6,7 +6,7 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -184,10 +184,16 @@ class ShardedCheckpoint(CheckpointReader):
         return name in self._owner
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self._shard_of(name)[name]
+
+    def read(self, name: str, memory: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        return self._shard_of(name).read(name, memory)
+
+    def _shard_of(self, name: str) -> CheckpointReader:
         reader = self._owner.get(name)
         if reader is None:
             raise self._missing(name)
-        return reader[name]
+        return reader
 
     def close(self) -> None:
         for reader in self._shards.values():

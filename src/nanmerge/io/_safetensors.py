@@ -10,7 +10,7 @@ import ctypes
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,10 +189,13 @@ class SafetensorsFile(CheckpointReader):
         return name in self._entries
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name, lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+
+    def read(self, name: str, memory: Callable[[int], torch.Tensor]) -> torch.Tensor:
         entry = self._entries.get(name)
         if entry is None:
             raise self._missing(name)
-        buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        buffer = memory(entry.end - entry.begin)
         self._read_into(byte_view(buffer), entry.begin, f"tensor '{name}'")
         return buffer.view(entry.meta.dtype).reshape(entry.meta.shape)
 
