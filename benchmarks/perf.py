@@ -330,6 +330,19 @@ def format_row(row: Row) -> str:
     )
 
 
+def print_median_floor_ratios(rows: list[Row]) -> None:
+    """wall / the median floor of all rows reading the same inputs: when the page cache
+    cannot hold the inputs, one floor measurement swings with the disk (3-9 s for the same
+    8.8 GB here), and the median is the steadier reference."""
+    print("\nwall / median floor of the run, per input size:")
+    for gb in sorted({r.input_gb for r in rows}):
+        same = [r for r in rows if r.input_gb == gb]
+        floor = statistics.median(r.read_floor_s + r.write_floor_s for r in same)
+        print(f"  {gb:.2f} GB read, median floor {floor:.2f} s ({len(same)} measurements)")
+        for r in same:
+            print(f"    {r.tool:<9} {r.method:<16} {r.coefficients:<11} {r.wall_s / floor:6.2f}")
+
+
 def startup_seconds(repeats: int = 3) -> float:
     """Median seconds for `nanmerge --version`-like import of the merge path (no tensor read)."""
     code = "import nanmerge.cli, nanmerge.engine"
@@ -392,6 +405,7 @@ def main() -> None:
                 f"  {method:<16} wall {ours.wall_s / theirs.wall_s:5.2f}  "
                 f"peak RSS {ours.peak_rss_mib / theirs.peak_rss_mib:5.2f}"
             )
+    print_median_floor_ratios(rows)
     shutil.rmtree(work / "merged", ignore_errors=True)
     result = {
         "size": args.size,
