@@ -265,6 +265,7 @@ def run_nanmerge(
             path.write_text(yaml.safe_dump(recipe))
             used = folders if recipe["base"] else folders[1:]
             read_s, write_s = floors(used, out_bytes, work)
+            shutil.rmtree(work / "merged", ignore_errors=True)  # as for mergekit: not timed
             wall, cpu, rss, _ = timed([*exe, "run", str(path), "--quiet"])
             report = json.loads((work / "merged" / "merge_report.json").read_text())
             row = Row(
