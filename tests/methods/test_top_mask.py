@@ -3,10 +3,13 @@ the cut, applied to slices on their own, gives the same entries."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from nanmerge.methods._sparsify import SAMPLE, _bracketed_cut, band_of, top_cut
+from nanmerge.methods._sparsify import SAMPLE, Cut, band_of, bracketed_cut, top_cut
+from nanmerge.methods._task_arithmetic import PIECE, task_vector_bands
 from tests.methods.test_sparsify import band_mask
 
 
@@ -76,6 +79,35 @@ def test_cuts_applied_slice_by_slice_equal_the_whole_mask(step: int) -> None:
 def test_the_bracket_is_used_when_the_sample_is_fair_and_refused_when_it_misleads() -> None:
     n = 4 * SAMPLE + 5
     shapes = layouts(n)
-    fair = _bracketed_cut(shapes["continuous"].numpy(), n // 2)
-    assert fair == top_cut(shapes["continuous"], n // 2)
-    assert _bracketed_cut(shapes["misleading sample"].numpy(), n // 2) is None
+
+    def bracket(values: torch.Tensor, pieces: int = 1) -> Cut | None:
+        array = values.numpy()
+        bounds = [round(i * n / pieces) for i in range(pieces + 1)]
+        parts = [(b, array[b:e]) for b, e in itertools.pairwise(bounds)]
+        return bracketed_cut(parts, array[:: n // SAMPLE], n, n // 2)
+
+    for layout in ("continuous", "few values", "mostly zeros"):
+        fair = bracket(shapes[layout])
+        assert fair is not None and fair == top_cut(shapes[layout], n // 2), layout
+        assert bracket(shapes[layout], pieces=7) == fair  # pieces of any size, same cut
+    assert bracket(shapes["misleading sample"]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.0), (0.2, 0.05), (0.9, 0.1)])
+def test_streamed_bands_equal_the_bands_of_the_whole_task_vectors(
+    dtype: torch.dtype, density: float, gamma: float
+) -> None:
+    n = 4 * SAMPLE + 3 * PIECE // 2  # several pieces, the last partial
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=gen).to(dtype)
+    models = [base + 0.01 * torch.randn(n, generator=gen).to(dtype) for _ in range(2)]
+    models.append(base.clone())  # tau = 0 everywhere: every magnitude ties
+    misleading = base.clone()  # the strided sample sees tau = 0, the rest does not
+    misleading += 0.01 * torch.rand(n, generator=gen).to(dtype)
+    misleading[:: n // SAMPLE] = base[:: n // SAMPLE]
+    models.append(misleading)
+    streamed = task_vector_bands(models, base, density=density, gamma=gamma)["bands"]
+    for model, band in zip(models, streamed, strict=True):
+        magnitudes = (model.float() - base.float()).abs()
+        assert band == band_of(magnitudes, density=density, gamma=gamma)

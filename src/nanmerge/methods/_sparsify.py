@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,11 +83,17 @@ def band_of(magnitudes: torch.Tensor, *, density: float, gamma: float) -> Band:
     mergekit does). Both cuts break ties in index order, so the nested choice is consistent.
     """
     numel = magnitudes.numel()
-    n_keep = max(1, keep_count(density, numel))
-    n_top = min(keep_count(gamma, numel), numel - n_keep)
+    n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
     if n_keep == numel:
         return Band(KEEP_ALL)
     return Band(top_cut(magnitudes, n_top + n_keep), top_cut(magnitudes, n_top))
+
+
+def band_counts(numel: int, *, density: float, gamma: float) -> tuple[int, int]:
+    """(kept, dropped above them): max(1, round(density * numel)) and round(gamma * numel),
+    fewer dropped when the two overlap."""
+    n_keep = max(1, keep_count(density, numel))
+    return n_keep, min(keep_count(gamma, numel), numel - n_keep)
 
 
 def top_cut(values: torch.Tensor, k: int) -> Cut:
@@ -107,30 +114,39 @@ def top_cut(values: torch.Tensor, k: int) -> Cut:
         ties = (values == threshold).nonzero()[: max(missing, 0), 0]
         return Cut(threshold, int(ties[-1]) if len(ties) else -1)
     array = values.detach().numpy()
-    if n >= 4 * SAMPLE and (cut := _bracketed_cut(array, k)) is not None:
-        return cut
+    if n >= 4 * SAMPLE:
+        cut = bracketed_cut([(0, array)], array[:: n // SAMPLE], n, k)
+        if cut is not None:
+            return cut
     return _cut_among(array, np.arange(n), k)
 
 
-def _bracketed_cut(array: np.ndarray, k: int) -> Cut | None:
-    """The cut from a selection among the entries near the k-th largest only.
+def bracketed_cut(
+    pieces: Iterable[tuple[int, np.ndarray]], sample: np.ndarray, n: int, k: int
+) -> Cut | None:
+    """The cut keeping the k largest of n magnitudes, selecting only near the k-th largest.
 
-    A strided sample of SAMPLE entries places the k-th largest between two sample values,
-    four standard deviations of the sample's rank either side; one pass then counts the
-    entries above the bracket and gathers those inside it (about 2% of them at k = n/2).
-    None when the k-th largest is not inside (the caller then selects among all entries).
+    `sample` (the entries at flat positions 0, stride, 2 * stride, ...; stride = n //
+    SAMPLE) places the k-th largest between two sample values, four standard deviations of
+    the sample's rank either side. The magnitudes then arrive as (offset, values) pieces, in
+    order, so they need not exist all at once: one pass counts the entries above the bracket
+    and gathers those inside it (about 2% of them at k = n/2). None when the k-th largest is
+    not inside (the caller then selects among all entries).
     """
-    n = array.size
-    sample = np.sort(array[:: n // SAMPLE])
+    sample = np.sort(sample)
     rank = (n - k) / n * sample.size  # where the k-th largest falls in the ascending sample
     margin = 4.0 * math.sqrt(max(rank * (sample.size - rank) / sample.size, 1.0)) + 2.0
     low = sample[max(0, math.floor(rank - margin))]
     high = sample[min(sample.size - 1, math.ceil(rank + margin))]
-    above = int(np.count_nonzero(array > high))
-    positions = np.flatnonzero((array >= low) & (array <= high))
-    if not 0 < k - above <= positions.size:
+    above, values, positions = 0, [], []
+    for offset, piece in pieces:
+        above += int(np.count_nonzero(piece > high))
+        inside = np.flatnonzero((piece >= low) & (piece <= high))
+        values.append(piece[inside])
+        positions.append(inside + offset)
+    if not 0 < k - above <= sum(v.size for v in values):
         return None
-    return _cut_among(array[positions], positions, k - above)
+    return _cut_among(np.concatenate(values), np.concatenate(positions), k - above)
 
 
 def _cut_among(values: np.ndarray, positions: np.ndarray, k: int) -> Cut:

@@ -13,7 +13,21 @@ from typing import Literal
 import torch
 
 from nanmerge.methods._registry import register
-from nanmerge.methods._sparsify import Band, band_of, keep_probability, random_mask
+from nanmerge.methods._sparsify import (
+    KEEP_ALL,
+    KEEP_NONE,
+    SAMPLE,
+    Band,
+    band_counts,
+    band_of,
+    bracketed_cut,
+    keep_probability,
+    random_mask,
+    top_cut,
+)
+
+# Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
+PIECE = 1 << 19
 
 Sparsify = Literal["magnitude", "random", "breadcrumbs"] | None
 Merge = Literal["mean", "sum"]
@@ -88,23 +102,52 @@ def task_vector_bands(
     """Each model's magnitude band over its whole task vector: what makes trimming methods
     elementwise, so they can be merged chunk by chunk (`bands` of their merge function).
 
-    One model at a time, in one float32 workspace of the tensor's size: tau_i is formed in
-    float32 from the tensors as stored (bf16 included), as the merge forms it, converting
-    the base in small pieces (mixed-dtype arithmetic is slow in torch).
+    tau_i is formed in float32 from the tensors as stored (bf16 included), as the merge
+    forms it. On CPU its magnitudes are computed piece by piece into one cache-sized buffer
+    and fed to `bracketed_cut`, so the selection's passes run in cache and no tensor-sized
+    workspace exists; only when the sample misplaces the cut (rare) is the whole tensor of
+    magnitudes formed and selected from.
     """
     base = base.reshape(-1)
-    numel, step = base.numel(), 1 << 16
-    magnitudes = torch.empty(numel, dtype=torch.float32, device=base.device)
-    piece = torch.empty(min(step, numel), dtype=torch.float32, device=base.device)
-    bands = []
-    for model in models:
+    numel = base.numel()
+    piece = torch.empty(min(PIECE, numel), dtype=torch.float32, device=base.device)
+    base_piece = torch.empty_like(piece)
+
+    def magnitudes(flat: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        """|tau| over flat entries begin..end-1, in the reused piece buffer."""
+        part = piece[: end - begin].copy_(flat[begin:end])
+        return part.sub_(base_piece[: end - begin].copy_(base[begin:end])).abs_()
+
+    def whole(flat: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32, device=base.device)
+        for begin in range(0, numel, PIECE):
+            end = min(begin + PIECE, numel)
+            out[begin:end] = magnitudes(flat, begin, end)
+        return out
+
+    def band(model: torch.Tensor) -> Band:
         flat = model.reshape(-1)
-        for begin in range(0, numel, step):
-            part, end = magnitudes[begin : begin + step], min(begin + step, numel)
-            part.copy_(flat[begin:end]).sub_(piece[: end - begin].copy_(base[begin:end])).abs_()
-        band = band_of(magnitudes, density=density, gamma=gamma)
-        bands.append(band)
-    return {"bands": bands}
+        if base.device.type != "cpu" or numel < 4 * SAMPLE:
+            return band_of(whole(flat), density=density, gamma=gamma)
+        n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
+        if n_keep == numel:
+            return Band(KEEP_ALL)
+        stride = numel // SAMPLE
+        sample = (flat[::stride].float() - base[::stride].float()).abs_().numpy()
+        cuts = []
+        for k in (n_top + n_keep, n_top):
+            pieces = (
+                (b, magnitudes(flat, b, min(b + PIECE, numel)).numpy())
+                for b in range(0, numel, PIECE)
+            )
+            if k in (0, numel):
+                cuts.append(KEEP_NONE if k == 0 else KEEP_ALL)
+                continue
+            cut = bracketed_cut(pieces, sample, numel, k)
+            cuts.append(top_cut(whole(flat), k) if cut is None else cut)
+        return Band(*cuts)
+
+    return {"bands": [band(m) for m in models]}
 
 
 @register(reference="https://arxiv.org/abs/2212.04089", needs_base=True, elementwise=True)
