@@ -186,14 +186,20 @@ def random_mask(
     """
     draw_device = generator.device if generator is not None else device
     m, numel = shape[0], math.prod(shape[1:])
-    levels = round(keep_probability(density) * 65536)
+    threshold = round(keep_probability(density) * 65536) - 32768  # for signed draws
     mask = torch.ones((m, numel), dtype=torch.bool, device=device)
-    if levels == 65536:
+    if threshold == 32768:
         return mask.reshape(shape)
-    for begin in range(0, numel, DRAW):
-        width = min(DRAW, numel - begin)
-        words = torch.empty((m, -(-width // 3)), dtype=torch.int64, device=draw_device)
-        lanes = words.random_(generator=generator).view(torch.int16).view(m, -1, 4)
-        draws = lanes[:, :, :3].reshape(m, -1)[:, :width]  # signed: u16 - 32768
-        mask[:, begin : begin + width] = draws < levels - 32768
+    words_per_block = -(-DRAW // 3)
+    # up to 8 whole blocks per call: one call draws what the calls block by block would
+    for begin in range(0, numel - numel % DRAW, 8 * DRAW):
+        blocks = min(8, (numel - begin) // DRAW)
+        words = torch.empty((blocks, m, words_per_block), dtype=torch.int64, device=draw_device)
+        lanes = words.random_(generator=generator).view(torch.int16).unflatten(-1, (-1, 4))
+        draws = lanes[..., :3].flatten(-2)[..., :DRAW]  # (blocks, m, DRAW), signed u16 - 32768
+        mask[:, begin : begin + blocks * DRAW] = (draws < threshold).transpose(0, 1).flatten(1)
+    if rest := numel % DRAW:
+        words = torch.empty((m, -(-rest // 3)), dtype=torch.int64, device=draw_device)
+        lanes = words.random_(generator=generator).view(torch.int16).unflatten(-1, (-1, 4))
+        mask[:, numel - rest :] = lanes[..., :3].flatten(-2)[:, :rest] < threshold
     return mask.reshape(shape)

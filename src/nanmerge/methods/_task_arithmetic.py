@@ -69,18 +69,19 @@ def _generalized_task_arithmetic(
             magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
             band = band_of(magnitudes, density=density, gamma=drop) if bands is None else bands[i]
             row.mul_(band.mask(magnitudes, offset))
-    elif sparsify == "random":
-        keep = random_mask(task_vectors.shape, density, generator, task_vectors.device)
-        task_vectors.mul_(keep).div_(keep_probability(density))
+    # DARE rescales kept entries by 1 / p; folded into the weights, it costs no pass
+    rescaled = coef
+    if sparsify == "random":
+        task_vectors.mul_(random_mask(task_vectors.shape, density, generator, tensors.device))
+        rescaled = coef / keep_probability(density)
     if not consensus:
         # a weighted sum over models is one matrix-vector product
-        merged = torch.mv(flat.t(), coef).view(tensors.shape[1:])
+        merged = torch.mv(flat.t(), rescaled).view(tensors.shape[1:])
         total = float(coef.sum())
         if merge == "mean":
             merged.div_(total) if total != 0 else merged.zero_()  # 0 where no coefficient is kept
         return merged.mul_(scale).add_(base)
-    weights = coef.reshape((-1,) + (1,) * (tensors.dim() - 1))
-    weighted = task_vectors.mul_(weights)
+    weighted = task_vectors.mul_(rescaled.reshape((-1,) + (1,) * (tensors.dim() - 1)))
     elected = weighted.sum(dim=0).sign()
     # sign(w) == elected != 0 exactly when w * elected > 0 (elected is -1, 0 or 1)
     kept = torch.mul(weighted, elected).gt_(0)  # 1.0 where kept, else 0.0
