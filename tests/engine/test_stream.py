@@ -189,3 +189,26 @@ def test_elementwise_methods_merged_in_chunks_equal_the_whole_tensor_merge(
         for at in [{"offset": i} if spec.prepare else {}]
     ]
     assert torch.equal(torch.cat(parts), whole_output)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"density": 0.3}),
+        ("breadcrumbs", {"density": 0.5, "gamma": 0.05}),
+        ("dare_ties", {"density": 0.5}),
+        ("task_arithmetic", {}),
+    ],
+)
+def test_large_bf16_tensors_merged_in_chunks_equal_the_method_on_the_whole_stack(
+    tmp_path: Path, method: str, params: dict[str, float]
+) -> None:
+    # 600K entries: two chunks, and enough for trimming's sampled bracket and streamed cuts
+    family = build_family(tmp_path, shapes={"w": (600, 1000)}, dtype=torch.bfloat16)
+    merged = nanmerge.merge(recipe(family, method=method, parameters=params, seed=3))
+    assert isinstance(merged, dict)
+    spec = nanmerge.METHODS[method]
+    stack = torch.stack([t["w"].float() for t in family.model_tensors])
+    draws = {"generator": tensor_generator(3, "w")} if spec.uses_generator else {}
+    whole = spec.fn(stack, torch.ones(3), base=family.base_tensors["w"].float(), **params, **draws)
+    assert torch.equal(merged["w"], whole.to(torch.bfloat16))
