@@ -75,8 +75,10 @@ def memory_bound(p: Plan) -> dict[str, Any]:
 
     L is the largest tensor in float32 bytes. Elementwise methods (task arithmetic, weight
     averaging, TIES, DARE, breadcrumbs) hold per tensor the M + 1 tensors as read, the merged
-    tensor, and for trimming the magnitudes and the selection's copy of one model at a time:
-    (M + 4) L, plus the chunk buffers, (6M + 4) float32 chunks of at most CHUNK entries.
+    tensor, and for trimming, when a cut's sample misleads, one model's magnitudes and the
+    selection's copy: (M + 4) L, plus the chunk buffers, (6M + 4) float32 chunks of at most
+    CHUNK entries (the streamed cuts' pieces among them). The read buffers are kept for
+    reuse, `threads + 1` sets of M + 1, within the same allowance.
     Other methods merge the whole float32 stack: the M float32 copies, the float32 base and
     one raw read buffer (M + 2), plus the method's workspace (at most 6M + 2): (7M + 4) L.
     Each loader thread may hold one more such working set; with threads > 0 the writer
