@@ -186,9 +186,10 @@ class ReadBuffers:
         return take
 
 
-def load(plan: Plan, name: str, buffers: ReadBuffers, index: int) -> Loaded:
+def load(plan: Plan, name: str, buffers: ReadBuffers | None, index: int) -> Loaded:
     """Read tensor number `index` from every input onto the recipe's device, in its stored
-    dtype (into `buffers` where the reader can: valid until they are reused).
+    dtype: into `buffers` where given and the reader can (valid until they are reused), else
+    into fresh memory.
 
     Non-floating tensors are copied from the reference unchanged.
     """
@@ -197,7 +198,7 @@ def load(plan: Plan, name: str, buffers: ReadBuffers, index: int) -> Loaded:
     device = torch.device(plan.recipe.device)
 
     def read(checkpoint: Checkpoint, slot: int) -> torch.Tensor:
-        if not isinstance(checkpoint, CheckpointReader):
+        if buffers is None or not isinstance(checkpoint, CheckpointReader):
             return checkpoint[name].to(device)
         return checkpoint.read(name, buffers.memory(index, slot)).to(device)
 
@@ -210,9 +211,10 @@ def load(plan: Plan, name: str, buffers: ReadBuffers, index: int) -> Loaded:
     return Loaded(name, models, base, None)
 
 
-def _loads(plan: Plan, names: list[str]) -> Generator[Loaded, None, None]:
-    """Every name loaded in order through `prefetch`, into reused read buffers."""
-    buffers = ReadBuffers(plan.recipe.threads + 1)
+def _loads(plan: Plan, names: list[str], *, reuse: bool) -> Generator[Loaded, None, None]:
+    """Every name loaded in order through `prefetch`; into reused read buffers when `reuse`
+    (not for whole-stack methods, which free each read as they convert it to float32)."""
+    buffers = ReadBuffers(plan.recipe.threads + 1) if reuse else None
     index = {name: i for i, name in enumerate(names)}
     return prefetch(names, lambda n: load(plan, n, buffers, index[n]), plan.recipe.threads)
 
@@ -295,7 +297,7 @@ def norm_pass(plan: Plan, *, progress: bool) -> dict[str, TensorStats]:
     names = [n for n, _ in plan.entries if n in plan.merged]
     stats: dict[str, TensorStats] = {}
     bar = tqdm(total=len(names), desc="norms", unit="tensor", disable=not progress)
-    for item in _loads(plan, names):
+    for item in _loads(plan, names, reuse=True):
         stats[item.name] = checked_stats(plan, item)
         bar.update()
     bar.close()
@@ -352,7 +354,7 @@ def merge_stream(
         total=len(names), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
     )
     writer = _BackgroundSink(sink) if plan.recipe.threads > 0 else nullcontext(_to_cpu(sink))
-    loaded = _loads(plan, names)
+    loaded = _loads(plan, names, reuse=plan.method.elementwise)
     with writer as write, closing(loaded):
         for name in names:
             # no name holds the inputs: they are freed before the result waits for the writer
