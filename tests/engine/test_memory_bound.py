@@ -34,13 +34,16 @@ print(json.dumps({"growth": status("VmHWM:") - before, "bound": report["memory"]
 
 
 @pytest.mark.parametrize(
-    ("n_tensors", "shape"),
-    [(160, (256, 256)), (20, (1536, 1024))],  # tensors below and above one chunk
+    ("n_tensors", "shape", "method", "m"),
+    [
+        (160, (256, 256), "ties", 3),  # tensors below one chunk
+        (20, (1536, 1024), "ties", 3),  # above one chunk: streamed cuts, chunked merge
+        (60, (768, 1024), "slerp", 2),  # a whole-stack method
+    ],
 )
 def test_peak_memory_growth_stays_within_the_reported_bound(
-    tmp_path: Path, n_tensors: int, shape: tuple[int, int]
+    tmp_path: Path, n_tensors: int, shape: tuple[int, int], method: str, m: int
 ) -> None:
-    m = 3
     gen = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.weight": torch.randn(shape, generator=gen) for i in range(n_tensors)}
     save_file(base, tmp_path / "base.safetensors")
@@ -54,7 +57,7 @@ def test_peak_memory_growth_stays_within_the_reported_bound(
     recipe = {
         "base": str(tmp_path / "base.safetensors"),
         "models": paths,
-        "method": "ties",
+        "method": method,
         "coefficients": "nan",
         "output": str(tmp_path / "merged"),
         "max_shard_size": "20MB",
