@@ -137,13 +137,13 @@ def task_vector_bands(
         sample = (flat[::stride].float() - base[::stride].float()).abs_().numpy()
         cuts = []
         for k in (n_top + n_keep, n_top):
+            if k in (0, numel):
+                cuts.append(KEEP_NONE if k == 0 else KEEP_ALL)
+                continue
             pieces = (
                 (b, magnitudes(flat, b, min(b + PIECE, numel)).numpy())
                 for b in range(0, numel, PIECE)
             )
-            if k in (0, numel):
-                cuts.append(KEEP_NONE if k == 0 else KEEP_ALL)
-                continue
             cut = bracketed_cut(pieces, sample, numel, k)
             cuts.append(top_cut(whole(flat), k) if cut is None else cut)
         return Band(*cuts)
