@@ -332,7 +332,9 @@ def merge_stream(
         if plan.statistics is not None:
             inputs |= plan.statistics.inputs(item.name)
         dtype, device = out_meta[item.name].dtype, item.models[0].device
-        if per_tensor or not plan.method.elementwise:
+        # with the coefficients known before the merge, the statistics come from its own pass
+        fused = plan.method.elementwise and not per_tensor
+        if not fused:
             st = stats[item.name] = checked_stats(plan, item)
             if per_tensor:
                 part = plan.estimator.fn(
@@ -340,10 +342,9 @@ def merge_stream(
                 )
                 coefficients.per_tensor.update(part.per_tensor)
                 coefficients.warnings += part.warnings
-            coef = coefficients.for_tensor(item.name).to(device)
-            return merge_tensor(plan, item, coef, dtype, inputs)
-        # the coefficients are known: the statistics are collected in the merge's own pass
         coef = coefficients.for_tensor(item.name).to(device)
+        if not fused:
+            return merge_tensor(plan, item, coef, dtype, inputs)
         parts: list[TensorStats] = []
         merged = merge_tensor(plan, item, coef, dtype, inputs, parts)
         stats[item.name] = checked_stats(plan, item, parts)

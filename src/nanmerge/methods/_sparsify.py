@@ -190,16 +190,21 @@ def random_mask(
     mask = torch.ones((m, numel), dtype=torch.bool, device=device)
     if threshold == 32768:
         return mask.reshape(shape)
-    words_per_block = -(-DRAW // 3)
     # up to 8 whole blocks per call: one call draws what the calls block by block would
     for begin in range(0, numel - numel % DRAW, 8 * DRAW):
         blocks = min(8, (numel - begin) // DRAW)
-        words = torch.empty((blocks, m, words_per_block), dtype=torch.int64, device=draw_device)
-        lanes = words.random_(generator=generator).view(torch.int16).unflatten(-1, (-1, 4))
-        draws = lanes[..., :3].flatten(-2)[..., :DRAW]  # (blocks, m, DRAW), signed u16 - 32768
+        draws = _signed_draws((blocks, m), DRAW, generator, draw_device)
         mask[:, begin : begin + blocks * DRAW] = (draws < threshold).transpose(0, 1).flatten(1)
     if rest := numel % DRAW:
-        words = torch.empty((m, -(-rest // 3)), dtype=torch.int64, device=draw_device)
-        lanes = words.random_(generator=generator).view(torch.int16).unflatten(-1, (-1, 4))
-        mask[:, numel - rest :] = lanes[..., :3].flatten(-2)[:, :rest] < threshold
+        mask[:, numel - rest :] = _signed_draws((m,), rest, generator, draw_device) < threshold
     return mask.reshape(shape)
+
+
+def _signed_draws(
+    rows: tuple[int, ...], width: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """`width` uniform 16-bit draws per row, as int16 (the unsigned value - 32768): the low
+    48 bits of each 64-bit draw give three (the top bit of a 64-bit `random_` is always 0)."""
+    words = torch.empty((*rows, -(-width // 3)), dtype=torch.int64, device=device)
+    lanes = words.random_(generator=generator).view(torch.int16).unflatten(-1, (-1, 4))
+    return lanes[..., :3].flatten(-2)[..., :width]
