@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from nanmerge.methods._sparsify import SAMPLE, Cut, band_of, bracketed_cut, top_cut
+from nanmerge.methods._sparsify import SAMPLE, Cut, _kth_largest, band_of, bracketed_cut, top_cut
 from nanmerge.methods._task_arithmetic import PIECE, task_vector_bands
 from tests.methods.test_sparsify import band_mask
 
@@ -111,3 +112,16 @@ def test_streamed_bands_equal_the_bands_of_the_whole_task_vectors(
     for model, band in zip(models, streamed, strict=True):
         magnitudes = (model.float() - base.float()).abs()
         assert band == band_of(magnitudes, density=density, gamma=gamma)
+
+
+@pytest.mark.parametrize("k", [1, 5 * SAMPLE, 10 * SAMPLE - 1, 20 * SAMPLE])
+def test_kth_largest_of_many_tied_values_is_the_sorted_entry(k: int) -> None:
+    # 20 SAMPLE values, 70% of them one value (as bf16 task vectors' magnitudes are): brackets
+    # narrow to that value, or to the few around it, before anything is sorted
+    gen = torch.Generator().manual_seed(7)
+    n = 20 * SAMPLE
+    values = torch.randint(0, 50, (n,), generator=gen).float() * 1e-4
+    values[torch.rand(n, generator=gen) < 0.7] = 7e-4
+    for layout in (values, torch.sort(values).values, torch.rand(n, generator=gen)):
+        array = layout.numpy()
+        assert _kth_largest(array, k) == float(np.sort(array)[n - k])

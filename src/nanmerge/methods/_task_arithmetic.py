@@ -18,9 +18,9 @@ from nanmerge.methods._sparsify import (
     KEEP_NONE,
     SAMPLE,
     Band,
+    BracketedCut,
     band_counts,
     band_of,
-    bracketed_cut,
     keep_probability,
     random_mask,
     top_cut,
@@ -104,51 +104,49 @@ def task_vector_bands(
     elementwise, so they can be merged chunk by chunk (`bands` of their merge function).
 
     tau_i is formed in float32 from the tensors as stored (bf16 included), as the merge
-    forms it. On CPU its magnitudes are computed piece by piece into one cache-sized buffer
-    and fed to `bracketed_cut`, so the selection's passes run in cache and no tensor-sized
-    workspace exists; only when the sample misplaces the cut (rare) is the whole tensor of
+    forms it. On CPU the magnitudes of all models are computed piece by piece into one
+    cache-sized buffer (the base converted once per piece) and fed to each cut's
+    `BracketedCut`, so the selection's passes run in cache and no tensor-sized workspace
+    exists; only when a sample misplaces its cut (rare) is that model's whole tensor of
     magnitudes formed and selected from.
     """
     base = base.reshape(-1)
     numel = base.numel()
-    piece = torch.empty(min(PIECE, numel), dtype=torch.float32, device=base.device)
-    base_piece = torch.empty_like(piece)
-
-    def magnitudes(flat: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-        """|tau| over flat entries begin..end-1, in the reused piece buffer."""
-        part = piece[: end - begin].copy_(flat[begin:end])
-        return part.sub_(base_piece[: end - begin].copy_(base[begin:end])).abs_()
+    flats = [model.reshape(-1) for model in models]
+    n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
+    if n_keep == numel:
+        return {"bands": [Band(KEEP_ALL) for _ in flats]}
 
     def whole(flat: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(numel, dtype=torch.float32, device=base.device)
-        for begin in range(0, numel, PIECE):
-            end = min(begin + PIECE, numel)
-            out[begin:end] = magnitudes(flat, begin, end)
-        return out
+        return (flat.float() - base.float()).abs_()
 
-    def band(model: torch.Tensor) -> Band:
-        flat = model.reshape(-1)
-        if base.device.type != "cpu" or numel < 4 * SAMPLE:
-            return band_of(whole(flat), density=density, gamma=gamma)
-        n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
-        if n_keep == numel:
-            return Band(KEEP_ALL)
-        stride = numel // SAMPLE
-        sample = (flat[::stride].float() - base[::stride].float()).abs_().numpy()
+    if base.device.type != "cpu" or numel < 4 * SAMPLE:
+        return {"bands": [band_of(whole(f), density=density, gamma=gamma) for f in flats]}
+    counts = (n_top + n_keep, n_top)  # the keep cut, then the drop cut (0: drops nothing)
+    stride = numel // SAMPLE
+    base_sample = base[::stride].float()
+    brackets = []
+    for flat in flats:
+        sample = (flat[::stride].float() - base_sample).abs_().numpy()
+        brackets.append([BracketedCut(sample, numel, k) if 0 < k < numel else None for k in counts])
+    piece = torch.empty((len(flats), min(PIECE, numel)), dtype=torch.float32)
+    base_piece = torch.empty(piece.shape[1], dtype=torch.float32)
+    for begin in range(0, numel, PIECE):
+        end = min(begin + PIECE, numel)
+        part_of_base = base_piece[: end - begin].copy_(base[begin:end])
+        for row, flat, model_brackets in zip(piece, flats, brackets, strict=True):
+            part = row[: end - begin].copy_(flat[begin:end]).sub_(part_of_base).abs_().numpy()
+            for bracket in model_brackets:
+                if bracket is not None:
+                    bracket.add(begin, part)
+    bands = []
+    for flat, model_brackets in zip(flats, brackets, strict=True):
         cuts = []
-        for k in (n_top + n_keep, n_top):
-            if k in (0, numel):
-                cuts.append(KEEP_NONE if k == 0 else KEEP_ALL)
-                continue
-            pieces = (
-                (b, magnitudes(flat, b, min(b + PIECE, numel)).numpy())
-                for b in range(0, numel, PIECE)
-            )
-            cut = bracketed_cut(pieces, sample, numel, k)
+        for k, bracket in zip(counts, model_brackets, strict=True):
+            cut = KEEP_NONE if k == 0 else KEEP_ALL if bracket is None else bracket.cut()
             cuts.append(top_cut(whole(flat), k) if cut is None else cut)
-        return Band(*cuts)
-
-    return {"bands": [band(m) for m in models]}
+        bands.append(Band(*cuts))
+    return {"bands": bands}
 
 
 @register(reference="https://arxiv.org/abs/2212.04089", needs_base=True, elementwise=True)
