@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 from nanmerge.methods._registry import register
@@ -44,7 +45,7 @@ def _generalized_task_arithmetic(
     gamma: float = 0.0,
     consensus: bool = False,
     merge: Merge = "sum",
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | None = None,
     bands: Sequence[Band] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
@@ -215,12 +216,12 @@ def dare_linear(
     base: torch.Tensor,
     density: float = 0.5,
     scale: float = 0.3,
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 - density, rescale by 1/density, sum.
 
     https://arxiv.org/abs/2311.03099. Unbiased: the expectation is task arithmetic. Pass
-    `tensor_generator(seed, name)` for reproducible masks (all M drawn in one call, on CPU).
+    `tensor_generator(seed, name)` (numpy) for reproducible masks, drawn on the CPU.
     mergekit and PEFT draw from the global RNG; mergekit defaults density to 1.0 (no drop).
     """
     return _generalized_task_arithmetic(
@@ -243,7 +244,7 @@ def dare_ties(
     density: float = 0.5,
     scale: float = 1.0,
     merge: Merge = "mean",
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """DARE drop-and-rescale, then TIES sign election and merge of the agreeing entries.
 
