@@ -74,7 +74,7 @@ def band_mask(tau: torch.Tensor, *, density: float, gamma: float = 0.0) -> torch
 
 def test_magnitude_band_keeps_at_least_one_entry() -> None:
     mask = band_mask(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), density=0.2)
-    assert mask.tolist() == [[False, True], [True, False]]
+    assert mask.tolist() == [[0.0, 1.0], [1.0, 0.0]]
 
 
 @pytest.mark.parametrize("density", [0.1, 0.33, 0.5, 0.9])

@@ -89,7 +89,9 @@ def _generalized_task_arithmetic(
     merged = weighted.mul_(kept).sum(dim=0)
     if merge == "mean":
         divisor = torch.mv(kept.view(flat.shape).t(), coef).view(merged.shape)
-        merged.div_(divisor).masked_fill_(divisor == 0, 0.0)  # 0 where no coefficient is kept
+        # 0 where no coefficient is kept: x / 0 is inf or nan there (and a quotient past
+        # float32's range, which finite inputs reach only with absurd coefficients)
+        merged.div_(divisor).nan_to_num_(0.0, 0.0, 0.0)
     return merged.mul_(scale).add_(base)
 
 
