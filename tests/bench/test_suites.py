@@ -15,9 +15,10 @@ import pytest
 import nanmerge
 from nanmerge.bench import run_suite
 from nanmerge.bench._data_informed import ADAMERGING, ADAMERGING_SCALE
-from nanmerge.bench._digits import PAIR_LABEL, SCENARIOS
+from nanmerge.bench._digits import SCENARIOS
 from nanmerge.bench._lsq import FAMILIES
-from nanmerge.bench._merging import COEFFICIENTS
+from nanmerge.bench._merging import COEFFICIENTS, PAIR_LABEL
+from nanmerge.bench._report import _tick_label
 from nanmerge.bench._run import collect
 
 
@@ -147,6 +148,14 @@ def test_second_run_reuses_cached_checkpoints(digits: tuple[dict[str, Any], Path
     again = _collect(tmp, "cache")
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert _same(again["rows"], first["rows"])
+
+
+def test_plot_labels_mark_only_two_model_methods_as_two_tasks() -> None:
+    assert _tick_label(f"slerp {PAIR_LABEL}") == "slerp (2 tasks)"
+    adamerging = f"adamerging task-wise (task_arithmetic, scale {ADAMERGING_SCALE})"
+    assert _tick_label(adamerging) == "adamerging task-wise"
+    assert _tick_label("ties (best scale on val)") == "ties"
+    assert _tick_label("regmean") == "regmean"
 
 
 def test_unknown_suite_and_size_are_refused(tmp_path: Path) -> None:

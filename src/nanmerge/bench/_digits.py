@@ -31,7 +31,14 @@ from nanmerge.bench._checkpoints import (
     save_checkpoint,
 )
 from nanmerge.bench._evaluate import problem_info
-from nanmerge.bench._merging import NAN_VARIANTS, ORACLE, State, sweep, sweep_size
+from nanmerge.bench._merging import (
+    NAN_VARIANTS,
+    ORACLE,
+    PAIR_LABEL,
+    State,
+    sweep,
+    sweep_size,
+)
 
 METRIC = "avg_acc"
 INTRO = (
@@ -44,7 +51,6 @@ INTRO = (
 )
 SCENARIOS = ("a_equal_budget", "b_budget_grows", "c_equal_data", "d_noisy_labels")
 PRETRAIN_N, VAL_N, TEST_N = 500, 200, 300
-PAIR_LABEL = "(2 tasks: fewest & most data, scored on those 2)"
 
 
 @dataclass(frozen=True)

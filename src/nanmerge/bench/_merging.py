@@ -19,6 +19,8 @@ from nanmerge.bench._checkpoints import ModelSet
 
 UNIFORM = "uniform"
 ORACLE = "oracle n_i"
+# Suffix of a two-model method's label (slerp): its scores cover those two tasks only.
+PAIR_LABEL = "(2 tasks: fewest & most data, scored on those 2)"
 
 
 def _nan(norm_of: str, granularity: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from nanmerge.bench._evaluate import mean_std
-from nanmerge.bench._merging import COEFFICIENTS, NAN_VARIANTS, ORACLE
+from nanmerge.bench._merging import COEFFICIENTS, NAN_VARIANTS, ORACLE, PAIR_LABEL
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -189,8 +189,13 @@ def _bars(
         ax.bar(xs, means, width, label=coef, color=_COLOURS[coef], zorder=2)
         ax.errorbar(xs, means, yerr=stds, fmt="none", ecolor="#333333", elinewidth=0.6, zorder=3)
     ax.set_xticks(range(len(methods)))
-    short = [m if " (" not in m else m.split(" (")[0] + " (2 tasks)" for m in methods]
-    ax.set_xticklabels(short, rotation=35, ha="right", fontsize=7)
+    ax.set_xticklabels([_tick_label(m) for m in methods], rotation=35, ha="right", fontsize=7)
+
+
+def _tick_label(method: str) -> str:
+    """A method's label without its parenthetical, except a two-model method's "(2 tasks)"."""
+    name = method.split(" (")[0]
+    return f"{name} (2 tasks)" if method.endswith(PAIR_LABEL) else name
 
 
 def plot_methods(
