@@ -5,9 +5,10 @@
 Builds synthetic Llama-shaped bf16 checkpoints (a base and three fine-tunes = base + noise
 of three different sizes, sharded safetensors with an index), cached under --cache. Each
 merge runs in a fresh `nanmerge run` process; its wall time includes interpreter start-up
-and its peak RSS comes from wait4(). The I/O floor is measured next to each merge: a warm
-read of every input byte (the files are read once to warm the page cache, then timed) plus
-writing the output's bytes once with fsync. It is a benchmark, not a test: nothing asserts.
+and its peak RSS comes from wait4() in a small launcher that forks it. The I/O floor is
+measured next to each merge: a warm read of every input byte (the files are read once to warm
+the page cache, then timed) plus writing the output's bytes once with fsync. It is a
+benchmark, not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,19 +178,38 @@ def write_floor(nbytes: int, where: Path) -> float:
     return elapsed
 
 
+# Linux's ru_maxrss of a process counts the peak RSS of the memory it was spawned from
+# (exec records the old address space's peak, and vfork shares the spawner's), so a merge
+# spawned straight from this process would report this process's peak (several GB after
+# building the checkpoints). A small launcher forks the merge instead and times it.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as out:
+    cpu = usage.ru_utime + usage.ru_stime
+    out.write(f"{wall} {cpu} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
     """Wall seconds, CPU seconds (user + system), peak RSS bytes (wait4's ru_maxrss of the
-    child) and output of `cmd`."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output
+    child, forked by a small launcher) and output of `cmd`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "usage"
+        launch = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd]
+        proc = subprocess.run(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        output = proc.stdout.decode(errors="replace")
+        if not report.exists():
+            raise RuntimeError(f"launcher failed ({proc.returncode}):\n{output[-4000:]}")
+        wall, cpu, maxrss_kib, code = report.read_text().split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{output[-4000:]}")
+    return float(wall), float(cpu), int(maxrss_kib) * 1024, output
 
 
 @dataclass
