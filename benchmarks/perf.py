@@ -196,20 +196,20 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
-    """Wall seconds, CPU seconds (user + system), peak RSS bytes (wait4's ru_maxrss of the
-    child, forked by a small launcher) and output of `cmd`."""
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS bytes (wait4's ru_maxrss of the
+    child, forked by a small launcher) of `cmd`; its output is shown only if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "usage"
         launch = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd]
-        proc = subprocess.run(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = proc.stdout.decode(errors="replace")
         if not report.exists():
             raise RuntimeError(f"launcher failed ({proc.returncode}):\n{output[-4000:]}")
         wall, cpu, maxrss_kib, code = report.read_text().split()
     if int(code) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{output[-4000:]}")
-    return float(wall), float(cpu), int(maxrss_kib) * 1024, output
+    return float(wall), float(cpu), int(maxrss_kib) * 1024
 
 
 @dataclass
@@ -287,7 +287,7 @@ def run_nanmerge(
             used = folders if recipe["base"] else folders[1:]
             read_s, write_s = floors(used, out_bytes, work)
             shutil.rmtree(work / "merged", ignore_errors=True)  # as for mergekit: not timed
-            wall, cpu, rss, _ = timed([*exe, "run", str(path), "--quiet"])
+            wall, cpu, rss = timed([*exe, "run", str(path), "--quiet"])
             report = json.loads((work / "merged" / "merge_report.json").read_text())
             row = Row(
                 "nanmerge",
@@ -318,7 +318,7 @@ def run_mergekit(exe: str, folders: list[Path], work: Path, methods: list[str]) 
         read_s, write_s = floors(used, out_bytes, work)
         out = work / "mergekit-out"
         shutil.rmtree(out, ignore_errors=True)
-        wall, cpu, rss, _ = timed([exe, str(path), str(out), "--allow-crimes"])
+        wall, cpu, rss = timed([exe, str(path), str(out), "--allow-crimes"])
         row = Row(
             "mergekit",
             method,
