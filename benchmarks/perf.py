@@ -1,6 +1,7 @@
 """Speed and memory of `nanmerge run` against the I/O floor measured in the same run.
 
     python benchmarks/perf.py --size small --out results/perf [--mergekit PATH]
+    python benchmarks/perf.py --startup    # start-up of the commands that compute nothing
 
 Builds synthetic Llama-shaped bf16 checkpoints (a base and three fine-tunes = base + noise
 of three different sizes, sharded safetensors with an index), cached under --cache. Each
@@ -365,15 +366,55 @@ def print_median_floor_ratios(rows: list[Row]) -> None:
             print(f"    {r.tool:<9} {r.method:<16} {r.coefficients:<11} {r.wall_s / floor:6.2f}")
 
 
-def startup_seconds(repeats: int = 3) -> float:
-    """Median seconds for `nanmerge --version`-like import of the merge path (no tensor read)."""
-    code = "import nanmerge.cli, nanmerge.engine"
+def median_seconds(cmd: list[str], repeats: int, exit_code: int = 0) -> float:
+    """Median wall seconds of `cmd`, each run a fresh process that must exit with `exit_code`."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         times.append(time.perf_counter() - start)
+        if proc.returncode != exit_code:
+            output = proc.stdout.decode(errors="replace")
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-4000:]}")
     return statistics.median(times)
+
+
+def startup_seconds(repeats: int = 3) -> float:
+    """Median seconds for `nanmerge --version`-like import of the merge path (no tensor read)."""
+    return median_seconds([sys.executable, "-c", "import nanmerge.cli, nanmerge.engine"], repeats)
+
+
+def command_startups(work: Path, repeats: int) -> dict[str, float]:
+    """Median wall seconds of commands that compute nothing (no torch needed), next to two
+    references measured in the same run: a bare interpreter and `import torch`. Inspecting
+    with norms and a recipe whose method is unknown (the engine's plan reports it, with
+    every other problem) are timed too: both import torch."""
+    small = work / "small.safetensors"
+    save_file({"w": torch.zeros(64, 64), "b": torch.zeros(64)}, small)
+    models = f"models: [{work / 'a'}, {work / 'b'}]\noutput: {work / 'out'}"
+    (work / "unknown-field.yaml").write_text(f"{models}\nmethod: ties\nsead: 1\n")
+    (work / "unknown-method.yaml").write_text(f"{models}\nmethod: tie\n")
+    exe = [sys.executable, "-m", "nanmerge"]
+    commands: dict[str, tuple[list[str], int]] = {
+        "python -c pass": ([sys.executable, "-c", "pass"], 0),
+        "python -c 'import torch'": ([sys.executable, "-c", "import torch"], 0),
+        "nanmerge --help": ([*exe, "--help"], 0),
+        "nanmerge methods": ([*exe, "methods"], 0),
+        "nanmerge inspect --headers-only": ([*exe, "inspect", "--headers-only", str(small)], 0),
+        "nanmerge run (unknown field)": ([*exe, "run", str(work / "unknown-field.yaml")], 2),
+        "nanmerge inspect (norms)": ([*exe, "inspect", "--quiet", str(small)], 0),
+        "nanmerge run (unknown method)": ([*exe, "run", str(work / "unknown-method.yaml")], 2),
+    }
+    return {label: median_seconds(cmd, repeats, code) for label, (cmd, code) in commands.items()}
+
+
+def print_command_startups(repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds = command_startups(Path(tmp), repeats)
+    print(f"start-up, median of {repeats} fresh processes:")
+    for label, value in seconds.items():
+        print(f"  {label:<34} {value:6.3f} s")
+    return seconds
 
 
 def main() -> None:
@@ -390,6 +431,12 @@ def main() -> None:
     parser.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
     parser.add_argument("--label", default="", help="suffix for the results file name")
     parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="only time the start-up of commands that compute nothing (help, methods, "
+        "inspect --headers-only, a recipe error), then stop",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -398,6 +445,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.torch_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by the merges
+    if args.startup:
+        seconds = print_command_startups(repeats=7)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "startup.json").write_text(json.dumps(seconds, indent=2))
+        print(f"\nwrote {args.out / 'startup.json'}")
+        return
 
     folders = build_models(args.size, args.cache)
     work = args.out / f"work-{args.size}"

@@ -92,21 +92,50 @@ def test_inspect_reports_every_tensor_of_every_input_kind(
         assert info["source"] == "org/toy@main"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_headers_only_gives_every_row_but_the_norm(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _write(kind, tmp_path / "in", monkeypatch)
+    info = inspect_checkpoint(source, norms=False)
+    expected = {
+        name: {
+            "name": name,
+            "shape": row["shape"],
+            "dtype": row["dtype"],
+            "numel": TENSORS[name].numel(),
+            "bytes": row["bytes"],
+        }
+        for name, row in _truth(TENSORS).items()
+    }
+    assert {r["name"]: r for r in info["tensors"]} == expected
+    assert (info["tensor_count"], info["parameters"], info["bytes"]) == (4, 25, 104)
+
+
 def test_inspect_takes_an_in_memory_state_dict() -> None:
     info = inspect_checkpoint({"w": torch.full((2, 2), 2.0)})
     assert info["tensors"][0]["norm"] == pytest.approx(4.0)
     assert info["folder"] is None
 
 
+@pytest.mark.parametrize(
+    ("flag", "norm_columns"),
+    [
+        ("--quiet", [f"{_truth(TENSORS)['encoder.weight']['norm']:.6g}"]),
+        ("--headers-only", []),
+    ],
+)
 def test_cli_inspect_prints_a_table_with_totals(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flag: str, norm_columns: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = _write("folder", tmp_path / "in", monkeypatch)
-    result = CliRunner().invoke(main, ["inspect", source, "--quiet"])
+    result = CliRunner().invoke(main, ["inspect", source, flag])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
+    norm_header = ["L2", "norm"] if norm_columns else []
+    assert lines[1].split() == ["tensor", "shape", "dtype", *norm_header]
     row = next(line for line in lines if "encoder.weight" in line).split()
-    assert row[1:] == ["(3,", "4)", "float32", f"{_truth(TENSORS)['encoder.weight']['norm']:.6g}"]
+    assert row[1:] == ["(3,", "4)", "float32", *norm_columns]
     assert lines[-1] == "4 tensors, 25 parameters, 104 B (104 bytes)"
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 
 class MergeError(Exception):
@@ -80,6 +81,8 @@ class Coefficients:
 
     def for_tensor(self, name: str) -> torch.Tensor:
         """The float32 coefficient vector (one entry per model) to use for tensor `name`."""
+        import torch
+
         values = self.per_tensor.get(name, self.per_model)
         if values is None:
             raise MergeError(

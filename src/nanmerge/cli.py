@@ -14,7 +14,9 @@ import yaml
 
 from nanmerge._types import Coefficients, MergeError
 from nanmerge.config import Recipe, load_recipe
-from nanmerge.engine import estimate_coefficients, merge
+
+# The engine, io and methods (and with them torch) are imported inside the commands that use
+# them, so --help, `methods`, `inspect --headers-only` and recipe errors answer at once.
 
 # Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
 _COMPOUND = {"models", "parameters", "coefficients"}
@@ -84,6 +86,8 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"{report['method']['name']} in {sum(report['timings_s'].values()):.1f} s; "
         f"memory bound {mem['bound_bytes'] / 2**20:.1f} MiB; output {report['output']['path']}"
     )
+    for note in report["output"].get("notes", []):
+        click.echo(f"note: {note}")
     lora = report["output"].get("lora")
     if lora is not None:
         click.echo(
@@ -166,6 +170,8 @@ def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
         _fail(MergeError("--quiet and --verbose contradict each other; pass one"))
     if recipe.output is None:
         _fail(MergeError("the recipe has no `output`; set one or pass --output"))
+    from nanmerge.engine import merge
+
     try:
         result = merge(recipe, progress=not quiet)
     except MergeError as exc:
@@ -280,6 +286,7 @@ def coefficients(
 ) -> None:
     """Estimate and print RECIPE's coefficients and per-model norms, without merging."""
     from nanmerge.coefficients import diagnose as run_diagnosis
+    from nanmerge.engine import estimate_coefficients
 
     try:
         sizes = _data_sizes(data_sizes)
@@ -303,17 +310,25 @@ def coefficients(
 @main.command("inspect")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option(
+    "--headers-only", is_flag=True, help="read headers only: no norms, no tensor is loaded"
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option(
     "--allow-downloads", is_flag=True, help="download a Hugging Face repo id missing from the cache"
 )
-def inspect_command(path: str, as_json: bool, quiet: bool, allow_downloads: bool) -> None:
+def inspect_command(
+    path: str, as_json: bool, headers_only: bool, quiet: bool, allow_downloads: bool
+) -> None:
     """Tensor names, shapes, dtypes, L2 norms and total size of PATH (any model input)."""
     from nanmerge.io import format_inspection, inspect_checkpoint
 
     try:
         info = inspect_checkpoint(
-            path, allow_downloads=allow_downloads, progress=not quiet and not as_json
+            path,
+            norms=not headers_only,
+            allow_downloads=allow_downloads,
+            progress=not (quiet or as_json or headers_only),
         )
     except MergeError as exc:
         _fail(exc)

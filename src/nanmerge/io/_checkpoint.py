@@ -6,11 +6,31 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from nanmerge._types import TensorMeta
+
+# Files a Hugging Face model folder needs besides its weights.
+NON_WEIGHT_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 _Reader = TypeVar("_Reader", bound="CheckpointReader")
 
@@ -32,6 +52,12 @@ class CheckpointReader(ABC):
     @abstractmethod
     def meta(self, name: str) -> TensorMeta:
         """Shape and dtype of `name` from the header, without loading the tensor."""
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str, int]:
+        """Shape, dtype name (float32, bfloat16, ...) and bytes of `name`, as `meta` gives
+        them; readers of formats that spell dtypes out (safetensors) answer without torch."""
+        meta = self.meta(name)
+        return meta.shape, str(meta.dtype).removeprefix("torch."), meta.nbytes
 
     @abstractmethod
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -14,15 +14,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
 
 from ._checkpoint import CheckpointReader
 from ._hub import hub_snapshot, parse_repo_id
 from ._readers import open_checkpoint
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -293,6 +294,8 @@ class LoraAdapter(CheckpointReader):
         return name in self._base
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        import torch
+
         dtype = self.meta(name).dtype
         # W0: a full tensor saved in the adapter (modules_to_save, a resized embedding) wins
         replaced = self._replaced.get(name)

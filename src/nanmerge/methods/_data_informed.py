@@ -8,10 +8,13 @@ give the published method and NAN's coefficients reweight each model's statistic
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from nanmerge._types import MergeError
 from nanmerge.methods._registry import get_method, register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 
 def _positive_weights(name: str, coef: torch.Tensor) -> None:
@@ -40,6 +43,8 @@ def fisher(
     the coefficient-weighted average, and equal Fisher gives exactly `weight_average`.
     `base` is accepted and ignored.
     """
+    import torch
+
     if tuple(fisher.shape) != tuple(tensors.shape):
         raise MergeError(
             f"fisher: the Fisher statistics have shape {tuple(fisher.shape)} but the stacked "
@@ -78,6 +83,8 @@ def regmean(
     If the summed Gram is singular (inputs that never vary), a tiny ridge pulls the
     undetermined directions toward the coefficient-weighted average.
     """
+    import torch
+
     if gram is None:
         return get_method(fallback).fn(tensors, coef, base=base)
     if tensors.dim() == 2 and tuple(gram.shape) == (tensors.shape[0], 1, 1):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from nanmerge._types import MergeError
 from nanmerge.methods._registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 
 @register(reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True)
@@ -17,6 +20,8 @@ def weight_average(
     https://arxiv.org/abs/2203.05482. `base` is accepted and ignored. mergekit's `linear`
     normalizes the same way by default (`normalize: true`).
     """
+    import torch
+
     total = coef.sum()
     if total == 0:
         raise MergeError(

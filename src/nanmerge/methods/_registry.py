@@ -13,13 +13,14 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar, cast
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from nanmerge._types import MergeError
 
-F = TypeVar("F", bound=Callable[..., torch.Tensor])
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
+
+F = TypeVar("F", bound="Callable[..., torch.Tensor]")
 
 # Keyword arguments that are inputs rather than hyperparameters (`bands` and `offset` carry
 # a chunked merge's per-tensor preparation and the chunk's position).
@@ -115,6 +116,8 @@ def _checked_inputs(
     base: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the shared inputs; return tensors as float32 and coef on their device."""
+    import torch
+
     if not (tensors.is_floating_point() and tensors.dim() >= 1):
         raise MergeError(
             f"{spec.name}: tensors must be floating point and stacked as (M, *shape); "

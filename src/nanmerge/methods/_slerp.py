@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from nanmerge._types import MergeError
 from nanmerge.methods._registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 # Above this |cos| the two tensors are treated as colinear and interpolated linearly
 # (the angle is too small, or too close to pi, for sin(angle) to divide by safely).

@@ -12,9 +12,12 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 # Flat entries per random draw; chunked merges use chunks that are multiples of it.
 DRAW = 1 << 16
@@ -52,6 +55,8 @@ class Cut:
         an entry is kept, else 0, in the values' (floating) dtype. A float mask multiplies in
         one vectorised pass; torch's comparisons into bool, and products with bool, take
         5-10 times longer on the CPU."""
+        import torch
+
         stop = self.last_tie + 1 - offset
         mask = torch.empty_like(values)
         if stop >= values.numel():  # every entry at or before the last kept tie
@@ -110,6 +115,8 @@ def top_cut(values: torch.Tensor, k: int) -> Cut:
     On CPU the k-th largest comes from numpy (a dependency of nanmerge), whose introselect
     is 10-20 times faster than torch's `kthvalue` here; nothing is sorted.
     """
+    import torch
+
     n = values.numel()
     if k <= 0:
         return KEEP_NONE
@@ -236,6 +243,8 @@ def random_mask(
     Without a generator, one is seeded from torch's global generator, so that
     `torch.manual_seed` makes the masks reproducible, as in mergekit and PEFT.
     """
+    import torch
+
     if generator is None:
         generator = np.random.Generator(np.random.PCG64(int(torch.randint(1 << 62, ()))))
     m, numel = shape[0], math.prod(shape[1:])

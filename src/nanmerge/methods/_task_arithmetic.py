@@ -8,10 +8,9 @@ entries are combined. The presets are data passed to one function, not copies of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from nanmerge.methods._registry import register
 from nanmerge.methods._sparsify import (
@@ -26,6 +25,9 @@ from nanmerge.methods._sparsify import (
     random_mask,
     top_cut,
 )
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 # Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
 PIECE = 1 << 19
@@ -60,6 +62,8 @@ def _generalized_task_arithmetic(
     tensor (flat entries offset, offset + 1, ...) is merged alone when `bands` come from
     `task_vector_bands` over the whole tensor.
     """
+    import torch
+
     # `task_vectors` is this function's own buffer: later steps update it in place (the same
     # values as out-of-place ops, without a fresh (M, *shape) allocation per step).
     task_vectors = tensors - base
@@ -113,6 +117,8 @@ def task_vector_bands(
     exists; only when a sample misplaces its cut (rare) is that model's whole tensor of
     magnitudes formed and selected from.
     """
+    import torch
+
     base = base.reshape(-1)
     numel = base.numel()
     flats = [model.reshape(-1) for model in models]
