@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,13 @@ def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Path:
     return cache
 
 
+def _hard_link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
+
+
 def add_to_hub_cache(
     cache: Path,
     repo_id: str,
@@ -28,7 +36,9 @@ def add_to_hub_cache(
 ) -> Path:
     """Add one snapshot of `repo_id`: blobs, a snapshot folder of symlinks, refs/<revision>.
 
-    A Path value is linked, not copied, so a large file costs nothing. Returns the snapshot.
+    A Path value becomes a hard link in blobs/ where the file system allows (a large file
+    costs nothing), else a copy: blobs are real files inside the cache, as huggingface_hub
+    writes them, and nanmerge refuses links that leave the cache. Returns the snapshot.
     """
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
@@ -43,7 +53,7 @@ def add_to_hub_cache(
             if isinstance(content, bytes):
                 blob.write_bytes(content)
             else:
-                blob.symlink_to(Path(content).resolve())
+                _hard_link_or_copy(Path(content).resolve(), blob)
         link = snapshot / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -350,3 +351,81 @@ def test_run_allow_downloads_flag_reaches_the_download(
     assert [c["repo_id"] for c in calls] == ["org/remote"]
     torch.testing.assert_close(load_file(out / "model.safetensors")["w"], torch.full((2, 3), 3.0))
     assert json.loads((out / "config.json").read_text()) == json.loads(CONFIG)
+
+
+def _sharded_repo(cache: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A sharded repo with a tokenizer in the cache, one tensor per shard; its snapshot."""
+    from safetensors.torch import save
+
+    files: dict[str, Path | bytes] = {"tokenizer.json": b'{"version": "1.0"}'}
+    weight_map = {}
+    for i, (name, tensor) in enumerate(tensors.items(), start=1):
+        shard = f"model-{i:05d}-of-{len(tensors):05d}.safetensors"
+        files[shard] = save({name: tensor})
+        weight_map[name] = shard
+    files["model.safetensors.index.json"] = json.dumps({"weight_map": weight_map}).encode()
+    return add_to_hub_cache(cache, "org/sharded", files)
+
+
+def test_snapshot_links_into_blobs_are_read_and_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanmerge.io import NON_WEIGHT_FILES, ModelWriter
+
+    # The cache itself reached through a link, as when ~/.cache/huggingface sits on another disk.
+    (tmp_path / "disk" / "hub").mkdir(parents=True)
+    (tmp_path / "hub").symlink_to(tmp_path / "disk" / "hub")
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    snapshot = _sharded_repo(cache, tensors)
+    shard = snapshot / "model-00001-of-00002.safetensors"
+    assert shard.is_symlink() and shard.resolve().parent.name == "blobs"
+    for source in ("org/sharded", str(snapshot)):
+        with open_checkpoint(source) as reader:
+            assert set(reader.keys()) == set(tensors)
+            for name, tensor in tensors.items():
+                assert torch.equal(reader[name], tensor), (source, name)
+    with ModelWriter(tmp_path / "out", [], max_shard_size=10) as writer:
+        assert writer.copy_files(snapshot, NON_WEIGHT_FILES) == ["tokenizer.json"]
+        assert (writer.temp_dir / "tokenizer.json").read_bytes() == b'{"version": "1.0"}'
+
+
+def _link_out_of_cache(tmp_path: Path, snapshot: Path, name: str) -> Path:
+    """Replace the blob behind `snapshot/name` by a link to a copy outside the cache."""
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    outside.write_bytes((snapshot / name).read_bytes())
+    blob = (snapshot / name).resolve()
+    blob.unlink()
+    blob.symlink_to(outside)
+    return outside
+
+
+def test_snapshot_shard_linked_outside_the_cache_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    snapshot = _sharded_repo(cache, {"a": torch.arange(4.0), "b": torch.ones(2, 2)})
+    shard = "model-00002-of-00002.safetensors"
+    outside = _link_out_of_cache(tmp_path, snapshot, shard)
+    with pytest.raises(
+        MergeError, match=rf"'b' to '{shard}', a link to {re.escape(str(outside))} outside"
+    ):
+        open_checkpoint("org/sharded")
+
+
+def test_snapshot_side_file_linked_outside_the_cache_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanmerge.io import NON_WEIGHT_FILES, ModelWriter
+
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    snapshot = _sharded_repo(cache, {"a": torch.arange(4.0)})
+    outside = _link_out_of_cache(tmp_path, snapshot, "tokenizer.json")
+    with (
+        ModelWriter(tmp_path / "out", [], max_shard_size=10) as writer,
+        pytest.raises(
+            MergeError, match=rf"tokenizer\.json is a link to {re.escape(str(outside))}, outside"
+        ),
+    ):
+        writer.copy_files(snapshot, NON_WEIGHT_FILES)

@@ -261,3 +261,84 @@ def test_in_memory_state_dict_and_module(tmp_path: Path) -> None:
 def test_in_memory_non_tensor_value_is_named() -> None:
     with pytest.raises(MergeError, match="entry 'lr'"):
         open_checkpoint({"w": torch.ones(1), "lr": 0.1})  # type: ignore[dict-item]
+
+
+# Each kind of index with its shard suffix; the tensor 'b' is mapped to the entry under test.
+INDEX_KINDS = [
+    ("model.safetensors.index.json", ".safetensors"),
+    ("pytorch_model.bin.index.json", ".bin"),
+]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if path.suffix == ".safetensors":
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+
+
+def _escaping_entry(case: str, model: Path, index: str, suffix: str) -> str:
+    """The weight_map entry for `case`; a real file with tensor 'b' waits outside `model`."""
+    outside = model.parent / "outside" / f"x{suffix}"
+    outside.parent.mkdir()
+    _save({"b": torch.ones(3)}, outside)
+    if case == "parent":
+        return f"../outside/x{suffix}"
+    if case == "absolute":
+        return str(outside)
+    if case == "link":
+        (model / f"x{suffix}").symlink_to(outside)
+        return f"x{suffix}"
+    if case == "itself":
+        return index
+    other = f"other{suffix}.index.json"  # a valid index of the outside file
+    (model / other).write_text(json.dumps({"weight_map": {"b": str(outside)}}))
+    return other
+
+
+@pytest.mark.parametrize(("index", "suffix"), INDEX_KINDS, ids=["safetensors", "bin"])
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("parent", "a path outside the index's folder .*fix its weight_map"),
+        ("absolute", "a path outside the index's folder .*fix its weight_map"),
+        ("link", "a link to .*outside .*put the file itself there"),
+        ("itself", "which is an index, not a weight file; fix its weight_map"),
+        ("other index", "which is an index, not a weight file; fix its weight_map"),
+    ],
+)
+def test_index_entry_outside_its_folder_is_refused_before_any_shard_is_read(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    index: str,
+    suffix: str,
+    case: str,
+    problem: str,
+) -> None:
+    from nanmerge.io import _readers
+
+    model = tmp_path / "model"
+    model.mkdir()
+    _save({"a": torch.zeros(2)}, model / f"shard{suffix}")
+    entry = _escaping_entry(case, model, index, suffix)
+    (model / index).write_text(json.dumps({"weight_map": {"a": f"shard{suffix}", "b": entry}}))
+
+    def never(path: Path) -> None:
+        raise AssertionError(f"opened {path} before checking every entry")
+
+    monkeypatch.setattr(_readers, "_open_file", never)
+    with pytest.raises(MergeError, match=problem) as info:
+        ShardedCheckpoint(model / index)
+    assert f"index {model / index} maps tensor 'b' to '{entry}'" in str(info.value)
+
+
+def test_index_entry_in_a_subfolder_or_linked_within_the_folder_is_read(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.int64)}
+    (tmp_path / "shards").mkdir()
+    save_file({"a": tensors["a"]}, tmp_path / "shards" / "one.safetensors")
+    save_file({"b": tensors["b"]}, tmp_path / "real-two.safetensors")
+    (tmp_path / "two.safetensors").symlink_to("real-two.safetensors")
+    weight_map = {"a": "shards/one.safetensors", "b": "two.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(tmp_path) as reader:
+        _assert_same(reader, tensors)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanmerge._types import MergeError, TensorMeta
@@ -140,8 +141,9 @@ def test_missing_tensor_raises_key_error(tmp_path: Path) -> None:
         reader["nope"]
 
 
-def _write_raw(path: Path, header: dict[str, object], data: bytes) -> None:
-    text = json.dumps(header).encode()
+def _write_raw(path: Path, header: dict[str, object] | str, data: bytes) -> None:
+    """A file with this header (a dict, or JSON text for what a dict cannot hold) and data."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
     path.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
@@ -193,3 +195,116 @@ def test_unknown_dtype_lists_supported(tmp_path: Path) -> None:
     _write_raw(path, {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8))
     with pytest.raises(MergeError, match=r"'w'.*dtype 'C64'.*supported dtypes: F64, F32"):
         SafetensorsFile(path)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {"only": torch.arange(3, dtype=torch.int16)},
+        {
+            "empty_a": torch.zeros(0),
+            "empty_b": torch.zeros(2, 0, 3, dtype=torch.bfloat16),
+            "w": _sample(torch.float32, (3, 2)),
+            "scalar": torch.tensor(7, dtype=torch.int8),
+            "empty_c": torch.zeros(0, dtype=torch.bool),
+            "x": _sample(torch.float16, (5,), seed=1),
+        },
+    ],
+    ids=["no tensors", "one tensor", "zero-size tensors among others"],
+)
+@pytest.mark.parametrize("metadata", [None, {"format": "pt", "note": "n"}], ids=["", "metadata"])
+def test_every_layout_the_library_writes_is_accepted(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    truth = load_file(path)
+    with safe_open(path, "pt") as peer:
+        peer_metadata = peer.metadata() or {}
+    with SafetensorsFile(path) as reader:
+        assert set(reader.keys()) == set(truth)
+        assert reader.metadata == peer_metadata
+        for name, expected in truth.items():
+            assert _bitwise_equal(reader[name], expected), name
+
+
+def _entry(name: str, begin: int, end: int) -> str:
+    return (
+        f'"{name}": {{"dtype": "U8", "shape": [{end - begin}], "data_offsets": [{begin}, {end}]}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "problem"),
+    [
+        (
+            f"{{{_entry('a', 0, 4)}, {_entry('b', 2, 6)}}}",
+            6,
+            "tensor 'b' starts at byte 2 of the data area but tensor 'a' ends at byte 4; "
+            "their data overlap",
+        ),
+        (
+            f"{{{_entry('a', 0, 4)}, {_entry('b', 0, 4)}}}",
+            4,
+            "tensor 'b' starts at byte 0 .* tensor 'a' ends at byte 4; their data overlap",
+        ),
+        (
+            f"{{{_entry('a', 2, 6)}}}",
+            6,
+            "tensor 'a' starts at byte 2 of the data area but the data area starts at byte 0; "
+            "the 2 bytes between belong to no tensor",
+        ),
+        (
+            f"{{{_entry('b', 6, 10)}, {_entry('a', 0, 4)}}}",
+            10,
+            "tensor 'b' starts at byte 6 .* tensor 'a' ends at byte 4; the 2 bytes between",
+        ),
+        (
+            f"{{{_entry('a', 0, 4)}}}",
+            7,
+            "3 bytes that belong to no tensor follow the last tensor 'a'",
+        ),
+        ("{}", 5, "5 bytes that belong to no tensor follow the header"),
+        (f"{{{_entry('a', 0, 4)}, {_entry('a', 4, 8)}}}", 8, "the header names 'a' twice"),
+        (
+            '{"a": {"dtype": "U8", "dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+            1,
+            "the header names 'dtype' twice",
+        ),
+        ('{"__metadata__": {"k": 1}}', 0, "__metadata__ is not a JSON object of strings"),
+        ('{"__metadata__": []}', 0, "__metadata__ is not a JSON object of strings"),
+        (
+            '{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": NaN}}',
+            1,
+            "NaN is not a JSON number",
+        ),
+        ('{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', 1, "surrogate"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", 0, "nests JSON too deeply"),
+    ],
+    ids=[
+        "overlap",
+        "same offsets",
+        "gap at the start",
+        "gap between, listed out of order",
+        "trailing bytes",
+        "bytes but no tensors",
+        "duplicate tensor",
+        "duplicate field",
+        "metadata value not a string",
+        "metadata not an object",
+        "NaN",
+        "lone surrogate",
+        "deep nesting",
+    ],
+)
+def test_malformed_files_are_refused_like_the_library_refuses_them(
+    tmp_path: Path, header: str, data: int, problem: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    _write_raw(path, header, bytes(data))
+    with pytest.raises(SafetensorError), safe_open(path, "pt"):
+        pass
+    with pytest.raises(MergeError, match=problem) as info:
+        SafetensorsFile(path)
+    assert f"safetensors file {path} looks truncated or corrupt" in str(info.value)

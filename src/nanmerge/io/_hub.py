@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanmerge._types import MergeError
 
-from ._writer import NON_WEIGHT_FILES
+from ._checkpoint import NON_WEIGHT_FILES
 
 # Hub names: letters, digits, '-', '_', '.'; no leading or trailing '-' or '.', at most 96.
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -77,6 +78,30 @@ def hub_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def resolves_inside(path: Path, roots: Iterable[Path]) -> bool:
+    """Whether `path` lies in one of `roots`, comparing real paths (every link followed):
+    `a/../../x` and a link out of the folder both leave it, a link to a linked cache does not.
+    """
+    real = path.resolve()
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def stays_in_source(path: Path, folder: Path) -> bool:
+    """Whether `path` resolves inside `folder`, or inside the hub cache when `folder` is a
+    snapshot there (a snapshot's files are links into the repo's ../../blobs/).
+
+    The cache is looked up only for a path that leaves its folder, so local merges never
+    import huggingface_hub for it; without huggingface_hub there is no cache to trust.
+    """
+    if resolves_inside(path, [folder]):
+        return True
+    try:
+        cache = hub_cache_dir()
+    except ImportError:
+        return False
+    return resolves_inside(folder, [cache]) and resolves_inside(path, [cache])
 
 
 def hub_offline() -> bool:

@@ -8,14 +8,16 @@ import pickle
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from nanmerge._types import MergeError, TensorMeta
 
 from ._checkpoint import CheckpointReader
-from ._hub import hub_snapshot, parse_repo_id
+from ._hub import hub_snapshot, parse_repo_id, stays_in_source
 from ._safetensors import SafetensorsFile
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # What a Hugging Face folder may hold, in the order we prefer them.
@@ -29,6 +31,8 @@ FOLDER_LAYOUTS = (
 
 def _tensor_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     """Check that a loaded object is a flat dict of tensors and return it."""
+    import torch
+
     if (
         isinstance(obj, Mapping)
         and set(obj) == {"state_dict"}
@@ -75,6 +79,8 @@ class StateDictCheckpoint(CheckpointReader):
         return name in self._tensors
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        import torch
+
         tensor = self._tensors.get(name)
         if tensor is None:
             raise self._missing(name)
@@ -89,6 +95,8 @@ class TorchFile(StateDictCheckpoint):
     """A PyTorch `.bin/.pt/.pth` file, memory-mapped and loaded with weights_only=True."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        import torch
+
         source = str(path)
         # Legacy (pre-zip) files cannot be memory-mapped; they are small enough to load whole.
         mmap = zipfile.is_zipfile(path)
@@ -124,10 +132,14 @@ class ShardedCheckpoint(CheckpointReader):
         self.source = str(index_path)
         self.folder = index_path.parent
         weight_map = self._read_weight_map(index_path)
+        one_tensor_of = {shard: name for name, shard in weight_map.items()}
+        paths = {
+            shard: _shard_path(index_path, name, shard) for shard, name in one_tensor_of.items()
+        }
         self._shards: dict[str, CheckpointReader] = {}
         try:
-            for shard in sorted(set(weight_map.values())):
-                shard_path = self.folder / shard
+            for shard in sorted(paths):
+                shard_path = paths[shard]
                 if not shard_path.is_file():
                     raise MergeError(
                         f"{index_path} lists shard '{shard}' but {shard_path} does not exist; "
@@ -183,6 +195,9 @@ class ShardedCheckpoint(CheckpointReader):
     def __contains__(self, name: object) -> bool:
         return name in self._owner
 
+    def header(self, name: str) -> tuple[tuple[int, ...], str, int]:
+        return self._shard_of(name).header(name)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._shard_of(name)[name]
 
@@ -198,6 +213,31 @@ class ShardedCheckpoint(CheckpointReader):
     def close(self) -> None:
         for reader in self._shards.values():
             reader.close()
+
+
+def _shard_path(index_path: Path, name: str, shard: str) -> Path:
+    """Where a `weight_map` entry points, refused unless it is a weight file in the index's
+    folder: an index is data from the download and must not reach other files (or itself)."""
+    folder = index_path.parent
+    entry = f"index {index_path} maps tensor '{name}' to '{shard}'"
+    relative = Path(shard)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise MergeError(
+            f"{entry}, a path outside the index's folder {folder}; an index may name only "
+            "files in its own folder: fix its weight_map or re-download the model"
+        )
+    if relative.name.endswith(".index.json"):
+        raise MergeError(
+            f"{entry}, which is an index, not a weight file; fix its weight_map to name the "
+            "shard files, or re-download the model"
+        )
+    path = folder / relative
+    if not stays_in_source(path, folder):
+        raise MergeError(
+            f"{entry}, a link to {path.resolve()} outside {folder}; nanmerge reads only shards "
+            "inside the checkpoint's folder (or the Hugging Face cache): put the file itself there"
+        )
+    return path
 
 
 def _open_file(path: Path) -> CheckpointReader:
@@ -239,10 +279,13 @@ def open_checkpoint(
     model folder, a Hugging Face repo id (`org/name[@revision]`, from the hub cache; downloaded
     only with `allow_downloads`), an in-memory state dict, or a module (its `state_dict()`).
     """
-    if isinstance(source, torch.nn.Module):
-        return StateDictCheckpoint(source.state_dict(), f"<{type(source).__name__} module>")
-    if isinstance(source, Mapping):
-        return StateDictCheckpoint(source, "<in-memory state dict>")
+    if not isinstance(source, str | os.PathLike):  # a path is opened without loading torch
+        import torch
+
+        if isinstance(source, torch.nn.Module):
+            return StateDictCheckpoint(source.state_dict(), f"<{type(source).__name__} module>")
+        if isinstance(source, Mapping):
+            return StateDictCheckpoint(source, "<in-memory state dict>")
     path = Path(source).expanduser()
     if path.is_dir():
         return _open_folder(path)
