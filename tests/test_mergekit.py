@@ -475,3 +475,25 @@ def test_nan_coefficients_in_a_mergekit_recipe_match_the_native_recipe(
         torch.testing.assert_close(merged[name], tensor)
     report = yaml.safe_load((tmp_path / "out" / "merge_report.json").read_text())
     assert report["coefficients"]["estimator"] == "nan"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"parameters": [1]}, "parameters is a list, not a mapping"),
+        ({"parameters": "x"}, "parameters is a str, not a mapping"),
+        (
+            {"models": [{"model": "a", "parameters": [0.5]}]},
+            "parameters of models[0] is a list",
+        ),
+        ({"dtype": ["bf16"]}, "dtype '['bf16']'"),
+        ({"out_dtype": {"a": 1}}, "dtype '{'a': 1}'"),
+    ],
+)
+def test_mergekit_fields_of_the_wrong_type_are_listed_not_raised(
+    fields: dict[str, Any], says: str
+) -> None:
+    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], **fields}
+    with pytest.raises(MergeError, match="mergekit recipe") as info:
+        from_mergekit(data)
+    assert says in str(info.value)

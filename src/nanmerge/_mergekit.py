@@ -77,6 +77,14 @@ def _scalar(value: Any, what: str, problems: list[str]) -> Any:
     return value
 
 
+def _parameters(value: Any, what: str, problems: list[str]) -> Mapping[str, Any]:
+    """A `parameters` mapping (none: empty), or empty with a problem when it is not one."""
+    if value is None or isinstance(value, Mapping):
+        return value or {}
+    problems.append(f"{what} is a {type(value).__name__}, not a mapping of names to values")
+    return {}
+
+
 def _model_path(ref: Any, base: Any, problems: list[str]) -> Any:
     """A model reference as a path; mergekit's `base+lora` works when `base` is base_model."""
     if not isinstance(ref, str):
@@ -141,7 +149,7 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
     extras = {k: v for k, v in data.items() if k not in mergekit_only}
 
     glob: dict[str, Any] = {}
-    for key, value in (data.get("parameters") or {}).items():
+    for key, value in _parameters(data.get("parameters"), "parameters", problems).items():
         glob[key] = _scalar(value, f"'{key}'", problems)
     entries: list[tuple[Any, dict[str, Any]]] = []
     raw_models = data.get("models")
@@ -160,7 +168,9 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
             problems.append(f"models[{i}] fields {', '.join(unknown)}")
         params = {
             k: _scalar(v, f"'{k}' of models[{i}]", problems)
-            for k, v in (entry.get("parameters") or {}).items()
+            for k, v in _parameters(
+                entry.get("parameters"), f"parameters of models[{i}]", problems
+            ).items()
         }
         entries.append((_model_path(entry["model"], base, problems), params))
 
@@ -169,7 +179,7 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
         recipe = _translate(str(merge_method), spec, base, glob, entries, extras, problems)
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None:
-        if dtype in _DTYPES:
+        if isinstance(dtype, str) and dtype in _DTYPES:
             recipe["dtype"] = _DTYPES[dtype]
         else:
             problems.append(f"dtype '{dtype}' (nanmerge writes {', '.join(sorted(_DTYPES))})")

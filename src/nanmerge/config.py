@@ -4,18 +4,77 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nanmerge._mergekit import from_mergekit
 from nanmerge._types import MergeError
 
-ModelSource = Any
-"""A path (str or PathLike) to a checkpoint, or an in-memory state dict / nn.Module."""
+# Aliases (`*name`) may add at most this many nodes to a YAML recipe, counted as expanded.
+MAX_ALIAS_NODES = 10_000
+IN_MEMORY = "<in-memory>"
+
+
+def _is_module(value: object) -> bool:
+    """Whether `value` is a torch.nn.Module; when torch is not imported, nothing can be one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
+def _is_entry(value: object) -> bool:
+    """Whether a `models` item is a `{path, coefficient}` mapping rather than a state dict."""
+    torch = sys.modules.get("torch")
+    return isinstance(value, Mapping) and not (
+        torch is not None and any(isinstance(v, torch.Tensor) for v in value.values())
+    )
+
+
+def _model_source(value: Any) -> Any:
+    """A path or repo id as str; a state dict or module as is; anything else is refused here,
+    so a wrong type is a recipe error and never a traceback from the readers."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str | Mapping) or _is_module(value):
+        return value
+    raise ValueError(
+        "expected a checkpoint path or Hugging Face repo id (a string), or from Python a state "
+        f"dict or torch.nn.Module; got {type(value).__name__}"
+    )
+
+
+ModelSource = Annotated[
+    Any,
+    AfterValidator(_model_source),
+    # in JSON an in-memory model is only named: its tensors are no recipe text
+    PlainSerializer(lambda v: v if isinstance(v, str) else IN_MEMORY, when_used="json"),
+]
+"""A path or repo id (str or PathLike) of a checkpoint, or an in-memory state dict / nn.Module."""
+
+
+def _check_scalars(values: Mapping[str, Any], what: str) -> None:
+    """Method parameters and estimator options are single values (the method checks their
+    ranges); a list or mapping there is a mistake, and could be any size or self-referential."""
+    bad = [
+        f"{key} is a {type(v).__name__}"
+        for key, v in values.items()
+        if not isinstance(v, str | int | float | bool | None)
+    ]
+    if bad:
+        raise ValueError(f"{what} must be single numbers, strings or booleans: {', '.join(bad)}")
 
 
 class ModelEntry(BaseModel):
@@ -26,13 +85,6 @@ class ModelEntry(BaseModel):
     path: ModelSource
     coefficient: float | None = None
 
-    @field_validator("path")
-    @classmethod
-    def _path_like(cls, value: Any) -> Any:
-        if isinstance(value, os.PathLike):
-            return str(value)
-        return value
-
 
 class CoefficientSpec(BaseModel):
     """An estimator name and its options, e.g. `{estimator: nan, norm_of: task_vector}`."""
@@ -40,6 +92,11 @@ class CoefficientSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     estimator: str = "uniform"
+
+    @model_validator(mode="after")
+    def _scalar_options(self) -> CoefficientSpec:
+        _check_scalars(self.model_extra or {}, "estimator options")
+        return self
 
     @property
     def options(self) -> dict[str, Any]:
@@ -65,7 +122,9 @@ class Recipe(BaseModel):
         None, description="output dtype (default: the base's, per tensor)"
     )
     overwrite: bool = Field(False, description="replace an existing output folder")
-    max_shard_size: str = Field("1GB", description="largest output shard, e.g. 500MB, 2GB")
+    max_shard_size: str | int = Field(
+        "1GB", description="largest output shard, e.g. 500MB, 2GB, or a number of bytes"
+    )
     threads: int = Field(
         0, ge=0, description="tensors loaded ahead in background threads (more memory)"
     )
@@ -94,17 +153,19 @@ class Recipe(BaseModel):
         "model, same order) for data-informed methods: fisher, regmean",
     )
 
-    @field_validator("base")
+    @field_validator("parameters")
     @classmethod
-    def _base_path_like(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, os.PathLike) else value
+    def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_scalars(value, "method parameters")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
     def _bare_paths(cls, value: Any) -> Any:
-        """Let `models: [a, b]` stand for `models: [{path: a}, {path: b}]`."""
+        """Let `models: [a, b]` stand for `models: [{path: a}, {path: b}]`; a mapping is an
+        entry unless it holds tensors (a bare state dict)."""
         if isinstance(value, list):
-            return [v if isinstance(v, Mapping | ModelEntry) else {"path": v} for v in value]
+            return [v if isinstance(v, ModelEntry) or _is_entry(v) else {"path": v} for v in value]
         return value
 
     @field_validator("coefficients", mode="before")
@@ -132,7 +193,70 @@ def _describe(error: Any) -> str:
         close = difflib.get_close_matches(str(loc[-1]), list(valid), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{where}: unknown field{hint}"
-    return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+class _AliasBomb(yaml.YAMLError):
+    """Aliases that would expand a small file into a huge or endless structure."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes under `node` counting each alias as a full copy (what a dump or deep copy makes);
+    `sizes` memoizes by node, so the count costs one visit per distinct node."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        mark = node.start_mark
+        raise _AliasBomb(
+            f"the node anchored at line {mark.line + 1}, column {mark.column + 1} holds an "
+            "alias to itself, a structure without end; write it out without the alias"
+        )
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    sizes[key] = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    return sizes[key]
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing recursive aliases and aliases that expand past a bound.
+
+    Aliases are allowed, not refused: a hand-written recipe (mergekit's included) may reuse a
+    block with `&name` / `*name`, which adds a few nodes. A "billion laughs" (aliases of lists
+    of aliases) is tiny as a file and as loaded objects, which share structure, but the
+    report copies and dumps the recipe and would expand it without bound; it is refused here,
+    where the message can name the file. The check visits each distinct node once.
+    """
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+        added = 0 if node is None else _expanded_size(node, sizes, set()) - len(sizes)
+        if added > MAX_ALIAS_NODES:
+            raise _AliasBomb(
+                f"its aliases (*name) expand to {added} more nodes, over the limit of "
+                f"{MAX_ALIAS_NODES}; write the repeated parts out or use fewer aliases"
+            )
+        return node
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(), Loader=_RecipeLoader)
+    except _AliasBomb as exc:
+        raise MergeError(f"recipe {path} is refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise MergeError(f"recipe {path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise MergeError(
+            f"recipe {path} is nested too deeply to read; a recipe needs a few levels at most"
+        ) from None
 
 
 def load_recipe(source: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:
@@ -144,10 +268,7 @@ def load_recipe(source: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
         path = Path(source)
         if not path.is_file():
             raise MergeError(f"recipe file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise MergeError(f"recipe {path} is not valid YAML: {exc}") from None
+        data = _read_yaml(path)
         if not isinstance(data, Mapping):
             raise MergeError(f"recipe {path} must be a YAML mapping with `models` and `method`")
         where = str(path)

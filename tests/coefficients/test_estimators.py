@@ -10,7 +10,15 @@ import torch
 
 from nanmerge import Coefficients, MergeError
 from nanmerge._types import TensorStats
-from nanmerge.coefficients import from_file, get_estimator, manual, model_norms, nan, tensor_stats
+from nanmerge.coefficients import (
+    cancellation_warning,
+    from_file,
+    get_estimator,
+    manual,
+    model_norms,
+    nan,
+    tensor_stats,
+)
 from nanmerge.coefficients import uniform as uniform_estimator
 
 
@@ -85,3 +93,31 @@ def test_model_norms_are_square_roots_of_summed_squares() -> None:
 def test_coefficients_without_an_entry_for_a_tensor_raise() -> None:
     with pytest.raises(MergeError, match="no entry for tensor 'z'"):
         Coefficients(("a",), "nan", per_tensor={"x": (1.0,)}).for_tensor("z")
+
+
+@pytest.mark.parametrize(
+    ("values", "warns"),
+    [
+        ((1.0, -0.9995), True),  # |sum| 5e-4 < 1e-3 * 1.9995
+        ((1.0, -0.99), False),  # |sum| 0.01 > 1e-3 * 1.99
+        ((1.0, -1.0), True),  # exactly zero
+        ((0.0, 0.0), False),  # nothing to amplify
+        ((1.0, 1.0), False),
+    ],
+)
+def test_cancellation_warning_fires_below_a_thousandth_of_the_magnitudes(
+    values: tuple[float, ...], warns: bool
+) -> None:
+    coefs = Coefficients(("a", "b"), "manual", per_model=values)
+    assert (cancellation_warning(coefs) is not None) == warns
+
+
+def test_cancellation_warning_names_the_tensor_and_counts_the_others() -> None:
+    coefs = Coefficients(
+        ("a", "b"),
+        "from_file",
+        per_tensor={"x": (1.0, 1.0), "y": (2.0, -2.0), "z": (1.0, -1.0)},
+    )
+    warning = cancellation_warning(coefs)
+    assert warning is not None
+    assert "tensor 'y'" in warning and "1 more tensors" in warning and "infx" in warning

@@ -75,6 +75,28 @@ def test_all_zero_norms_fall_back_to_uniform() -> None:
     assert coefs.per_model == pytest.approx((1.0, 1.0))
 
 
+@pytest.mark.parametrize("granularity", ["model", "tensor"])
+def test_all_zero_norms_warn_with_the_coefficient_actually_used(granularity: str) -> None:
+    stats = {"w": stats_of((1.0, 1.0), tau=(0.0, 0.0))}
+    coefs = nan(stats, MODELS2, norm_of="task_vector", granularity=granularity)  # type: ignore[arg-type]
+    assert (coefs.per_model or coefs.per_tensor["w"]) == pytest.approx((1.0, 1.0))
+    assert any("every model" in w for w in coefs.warnings)
+    assert not any("coefficient 0" in w for w in coefs.warnings)
+
+
+def test_per_tensor_warnings_separate_partly_zero_from_all_zero_tensors() -> None:
+    stats = {
+        "x": stats_of((1.0, 1.0), tau=(0.0, 4.0)),
+        "y": stats_of((1.0, 1.0), tau=(0.0, 0.0)),
+    }
+    coefs = nan(stats, MODELS2, norm_of="task_vector", granularity="tensor")
+    assert coefs.per_tensor == {"x": (0.0, 2.0), "y": (1.0, 1.0)}
+    (some,) = [w for w in coefs.warnings if "coefficient 0" in w]
+    (every,) = [w for w in coefs.warnings if "every model" in w]
+    assert "x (models a)" in some and "y" not in some
+    assert every.endswith("in tensors: y")
+
+
 def test_near_uniform_coefficients_are_flagged() -> None:
     close = nan({"w": stats_of((1.0, 1.02**2))}, MODELS2)
     far = nan({"w": stats_of((1.0, 1.5**2))}, MODELS2)

@@ -4,6 +4,7 @@ from nanmerge.coefficients._diagnose import diagnose
 from nanmerge.coefficients._estimators import (
     ESTIMATORS,
     EstimatorSpec,
+    cancellation_warning,
     from_file,
     get_estimator,
     inverse_norm_weights,
@@ -17,6 +18,7 @@ from nanmerge.coefficients._stats import model_norms, tensor_stats
 __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",
+    "cancellation_warning",
     "diagnose",
     "from_file",
     "get_estimator",

@@ -23,6 +23,7 @@ Needs = Literal["none", "model", "tensor"]
 Estimator = Callable[..., Coefficients]
 
 NEAR_UNIFORM = 0.02
+CANCELLING = 1e-3
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,33 @@ def near_uniform_warning(coefficients: Coefficients) -> str | None:
     return (
         f"every coefficient is within ±{NEAR_UNIFORM:.0%} of uniform: "
         f"'{coefficients.estimator}' changes almost nothing over uniform coefficients here"
+    )
+
+
+def cancellation_warning(coefficients: Coefficients) -> str | None:
+    """A warning when some coefficient vector nearly sums to zero (|sum c| < 1e-3 sum |c|).
+
+    Only manual or loaded coefficients can have mixed signs. A method that divides by sum(c)
+    (weight averaging, `merge: mean`) then multiplies the merge by sum|c| / |sum c|; the
+    engine asks only for such methods, since a plain sum of task vectors is not amplified.
+    """
+    vectors = [("", coefficients.per_model)] if coefficients.per_model is not None else []
+    vectors += [(f" of tensor '{n}'", v) for n, v in coefficients.per_tensor.items()]
+    cancelling = []
+    for where, values in vectors:
+        total, size = abs(sum(values)), sum(abs(v) for v in values)
+        if total < CANCELLING * size:
+            cancelling.append((where, values, total, size))
+    if not cancelling:
+        return None
+    where, values, total, size = cancelling[0]
+    more = f" (and {len(cancelling) - 1} more tensors)" if len(cancelling) > 1 else ""
+    factor = size / total if total else math.inf
+    return (
+        f"the coefficients{where} {[round(v, 6) for v in values]}{more} nearly cancel: |sum| "
+        f"{total:.3g} is below {CANCELLING:g} of the sum of magnitudes {size:.3g}, and the "
+        f"method divides by the sum, which scales the merged weights by about {factor:.3g}x; "
+        "check the coefficients' signs"
     )
 
 
@@ -199,23 +227,40 @@ def nan(
             [t**0.5 for t in totals], convention=convention, eps=eps
         )
         result.per_model = weights
-        result.warnings += [
-            f"model {models[i]}: {norm_of} norm is zero; it gets coefficient 0" for i in zero
-        ]
+        if len(zero) == len(models):  # the warning must say what the table shows
+            result.warnings.append(
+                f"every model's {norm_of} norm is zero: nothing to weigh, so every model gets "
+                f"the same coefficient, {weights[0]:g}"
+            )
+        else:
+            result.warnings += [
+                f"model {models[i]}: {norm_of} norm is zero; it gets coefficient 0" for i in zero
+            ]
         warning = near_uniform_warning(result)
         if warning:
             result.warnings.append(warning)
         return result
-    zero_tensors = []
+    some_zero, all_zero = [], []
     for name, st in stats.items():
         norms = [v**0.5 for v in getattr(st, key)]
         result.per_tensor[name], zero = inverse_norm_weights(norms, convention=convention, eps=eps)
-        if zero:
-            zero_tensors.append(f"{name} (models {', '.join(models[i] for i in zero)})")
-    if zero_tensors:
-        shown = "; ".join(zero_tensors[:5])
-        more = f" and {len(zero_tensors) - 5} more" if len(zero_tensors) > 5 else ""
+        if len(zero) == len(models):  # uniform there, as the table shows: not 0
+            all_zero.append(name)
+        elif zero:
+            some_zero.append(f"{name} (models {', '.join(models[i] for i in zero)})")
+    if some_zero:
         result.warnings.append(
-            f"zero {norm_of} norm, coefficient 0 for those models, in tensors: {shown}{more}"
+            f"zero {norm_of} norm, coefficient 0 for those models, in tensors: "
+            + _first_few(some_zero)
+        )
+    if all_zero:
+        result.warnings.append(
+            f"zero {norm_of} norm in every model, so equal coefficients for all, in tensors: "
+            + _first_few(all_zero)
         )
     return result
+
+
+def _first_few(items: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
