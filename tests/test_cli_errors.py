@@ -134,9 +134,14 @@ def test_existing_output_needs_overwrite(family: Family, tmp_path: Path) -> None
     refused = CliRunner().invoke(main, ["run", str(path), "--quiet"])
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     assert (out / "keep.txt").read_text() == "mine"
-    replaced = CliRunner().invoke(main, ["run", str(path), "--quiet", "--overwrite"])
-    assert replaced.exit_code == 0, replaced.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    not_ours = CliRunner().invoke(main, ["run", str(path), "--quiet", "--overwrite"])
+    assert not_ours.exit_code != 0 and "was not written by nanmerge" in not_ours.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be written
+    for _ in range(2):  # then our own output may be replaced
+        replaced = CliRunner().invoke(main, ["run", str(path), "--quiet", "--overwrite"])
+        assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "merged", "recipe.yaml"]
 
 
 def test_zero_norm_task_vector_warns_and_stays_finite(family: Family, tmp_path: Path) -> None:

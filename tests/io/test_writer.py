@@ -227,8 +227,21 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path: Path) -> None:
 
     a_file = tmp_path / "file_out"
     a_file.write_text("x")
-    with pytest.raises(MergeError, match="already exists"):
-        ModelWriter(a_file, [], max_shard_size=10)
+    for overwrite in (False, True):
+        with pytest.raises(MergeError, match=r"is a file.*never replaces a file"):
+            ModelWriter(a_file, [], max_shard_size=10, overwrite=overwrite)
+    assert a_file.read_text() == "x"
+
+
+def test_overwrite_refuses_a_folder_nanmerge_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    (out / "merge_report.json").write_text('{"someone_else": 1}')
+    with pytest.raises(MergeError, match="was not written by nanmerge"):
+        ModelWriter(out, [], max_shard_size=10, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_empty_existing_folder_is_used(tmp_path: Path) -> None:
@@ -241,14 +254,11 @@ def test_empty_existing_folder_is_used(tmp_path: Path) -> None:
     assert torch.equal(load_file(out / "model.safetensors")["a"], torch.ones(2))
 
 
-@pytest.mark.parametrize("old_is_file", [False, True])
-def test_overwrite_replaces_existing_output(tmp_path: Path, old_is_file: bool) -> None:
+def test_overwrite_replaces_an_earlier_nanmerge_output(tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    if old_is_file:
-        out.write_text("old")
-    else:
-        out.mkdir()
-        (out / "stale.safetensors").write_text("old")
+    out.mkdir()
+    (out / "stale.safetensors").write_text("old")
+    (out / "merge_report.json").write_text('{"nanmerge_version": "0.0.1"}')
     tensors = {"a": torch.ones(2)}
     with ModelWriter(out, _entries(tensors), max_shard_size=10, overwrite=True) as w:
         _write_all(w, tensors)

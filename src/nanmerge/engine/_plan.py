@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,22 @@ from nanmerge._types import Checkpoint, MergeError, TensorMeta
 from nanmerge.coefficients import EstimatorSpec, get_estimator
 from nanmerge.config import Recipe
 from nanmerge.engine._statistics import Statistics, open_statistics
-from nanmerge.io import model_folder, open_model
+from nanmerge.io import (
+    NON_WEIGHT_FILES,
+    Protected,
+    StateDictCheckpoint,
+    escaping_side_files,
+    model_folder,
+    open_model,
+    output_problems,
+    parse_size,
+    protected_paths,
+)
 from nanmerge.methods import MethodSpec, check_params, count_problem, get_method
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_LISTED = 8
+IN_MEMORY_BASE = "<in-memory base>"
 
 
 @dataclass
@@ -38,8 +50,15 @@ class Plan:
     entries: list[tuple[str, TensorMeta]]
     merged: set[str]
     fill_from_base: dict[str, list[int]] = field(default_factory=dict)
-    copy_files_from: Path | None = None
+    copy_files_from: Path | None = None  # the recipe's, else the first input folder
     statistics: Statistics | None = None
+    protected: list[Protected] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def divides_by_coefficient_sum(self) -> bool:
+        """Whether the method averages, w_i = coef_i / sum(coef) (README, "Coefficients")."""
+        return self.method.name == "weight_average" or self.params.get("merge") == "mean"
 
     @property
     def reference(self) -> Checkpoint:
@@ -95,6 +114,10 @@ def _resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[s
         return None, {}
     options = recipe.coefficients.options
     if spec.name == "manual":
+        if "values" in options:
+            problems.append(
+                "coefficients: manual reads each model's `coefficient`; remove the `values` option"
+            )
         missing = [str(i) for i, m in enumerate(recipe.models) if m.coefficient is None]
         if missing:
             problems.append(
@@ -132,29 +155,97 @@ def _resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str,
     return spec, {**spec.params, **recipe.parameters}
 
 
-def _check_output(recipe: Recipe, problems: list[str]) -> None:
-    out = recipe.output
-    if out is None or recipe.overwrite or not out.exists():
-        return
-    if out.is_file() or any(out.iterdir()):
-        problems.append(
-            f"output {out} already exists and is not empty; pass --overwrite "
-            "(overwrite: true) to replace it, or choose another output"
-        )
+def _side_file_folder(checkpoints: list[Checkpoint]) -> Path | None:
+    """Where the output's config and tokenizer come from by default: the first input folder,
+    the base's when it has one."""
+    for ckpt in checkpoints:
+        folder = getattr(ckpt, "folder", None)
+        if folder is not None:
+            return Path(folder)
+    return None
+
+
+def _inputs_on_disk(
+    recipe: Recipe,
+    base: Checkpoint | None,
+    models: list[Checkpoint | None],
+    copy_from: Path | None,
+) -> list[Protected]:
+    """Every local path the merge reads (hub snapshots included), for the output to avoid."""
+    labels = ["base", *(f"models[{i}]" for i in range(len(recipe.models)))]
+    pairs: list[tuple[str, object]] = [
+        *zip(labels, [recipe.base, *(m.path for m in recipe.models)], strict=True),
+        *(
+            (label, getattr(c, "folder", None))
+            for label, c in zip(labels, [base, *models], strict=True)
+        ),
+        *((f"statistics[{i}]", s) for i, s in enumerate(recipe.statistics or [])),
+        ("copy_files_from", copy_from),
+    ]
+    return protected_paths(pairs)
 
 
 def _open_inputs(
     recipe: Recipe, problems: list[str]
 ) -> tuple[Checkpoint | None, list[Checkpoint | None]]:
-    def attempt(source: Any, base: Checkpoint | None = None) -> Checkpoint | None:
-        try:  # a LoRA adapter among the models is read over the base
+    def attempt(source: Any, name: str, base: Checkpoint | None = None) -> Checkpoint | None:
+        try:
+            if not isinstance(source, str):  # the recipe admits only a state dict or a module
+                tensors = source if isinstance(source, Mapping) else source.state_dict()
+                return StateDictCheckpoint(tensors, name)
+            # a LoRA adapter among the models is read over the base
             return open_model(source, base=base, allow_downloads=recipe.allow_downloads)
         except MergeError as exc:
             problems.append(str(exc))
             return None
 
-    base = None if recipe.base is None else attempt(recipe.base)
-    return base, [attempt(m.path, base) for m in recipe.models]
+    base = None if recipe.base is None else attempt(recipe.base, IN_MEMORY_BASE)
+    return base, [attempt(m.path, f"<in-memory #{i}>", base) for i, m in enumerate(recipe.models)]
+
+
+def _identity(source: Any, ckpt: Checkpoint) -> object:
+    """What makes two inputs one model: the object for in-memory ones, else the file or folder
+    read (device and inode, so relative paths, symlinks and hard links agree), else the name
+    (a Hugging Face repo id)."""
+    if not isinstance(source, str):
+        return id(source)
+    try:
+        st = os.stat(ckpt.source)
+    except OSError:
+        return ckpt.source
+    return (st.st_dev, st.st_ino)
+
+
+def _repeated_inputs(
+    recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint]
+) -> list[str]:
+    """Warnings for a model listed twice, or listed next to itself as the base.
+
+    Only the same file (or object) counts. Equal content under two files is not looked for:
+    telling copies apart soundly needs every byte of both, a whole extra read per pair, and
+    a model equal to the base shows anyway as a zero task-vector norm.
+    """
+    seen: dict[object, str] = {}
+    if base is not None:
+        seen[_identity(recipe.base, base)] = "the base"
+    warnings = []
+    for i, (entry, ckpt) in enumerate(zip(recipe.models, models, strict=True)):
+        key = _identity(entry.path, ckpt)
+        if key not in seen:
+            seen[key] = f"models[{i}]"
+        elif seen[key] == "the base":
+            warnings.append(
+                f"models[{i}] ({ckpt.source}) is the base model itself: its task vector is "
+                "zero, so task-vector methods gain nothing from it and averages are pulled "
+                "toward the base; remove it unless that is what you want"
+            )
+        else:
+            warnings.append(
+                f"models[{i}] ({ckpt.source}) is the same model as {seen[key]}: it is merged "
+                "twice, with twice its weight; list it once (with coefficients: manual to "
+                "weight it)"
+            )
+    return warnings
 
 
 def _display_names(models: list[Checkpoint]) -> tuple[str, ...]:
@@ -222,6 +313,14 @@ def _layout(
     return entries, merged, fill
 
 
+def _check_shard_size(recipe: Recipe, problems: list[str]) -> None:
+    """A size the writer cannot read fails here, before the norm pass, not after it."""
+    try:
+        parse_size(recipe.max_shard_size)
+    except MergeError as exc:
+        problems.append(f"max_shard_size: {exc}")
+
+
 def _check_device(recipe: Recipe, problems: list[str]) -> None:
     """The merge's device must exist here before any tensor is read."""
     try:
@@ -246,9 +345,9 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     problems: list[str] = []
     method, params = _resolve_method(recipe, problems)
     estimator, options = _resolve_estimator(recipe, problems)
-    if for_output:
-        _check_output(recipe, problems)
     _check_device(recipe, problems)
+    if for_output:
+        _check_shard_size(recipe, problems)
     copy_from = None
     if recipe.copy_files_from is not None:
         try:
@@ -256,8 +355,14 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         except MergeError as exc:
             problems.append(f"copy_files_from: {exc}")
     base, maybe_models = _open_inputs(recipe, problems)
+    protected = _inputs_on_disk(recipe, base, maybe_models, copy_from)
+    if for_output and recipe.output is not None:
+        problems += output_problems(recipe.output, overwrite=recipe.overwrite, inputs=protected)
     models = [m for m in maybe_models if m is not None]
     opened = [c for c in [base, *models] if c is not None]
+    copy_from = copy_from or _side_file_folder(opened)
+    if for_output and copy_from is not None:
+        problems += escaping_side_files(copy_from, NON_WEIGHT_FILES)
     statistics = None
     try:
         if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
@@ -283,5 +388,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         merged=merged,
         fill_from_base=fill,
         copy_files_from=copy_from,
+        protected=protected,
         statistics=statistics,
+        warnings=_repeated_inputs(recipe, base, models),
     )

@@ -7,9 +7,13 @@ import json
 import os
 import platform
 import resource
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -17,8 +21,9 @@ import yaml
 
 from nanmerge._types import Coefficients, TensorStats
 from nanmerge._version import __version__
-from nanmerge.coefficients import model_norms, near_uniform_warning
+from nanmerge.coefficients import cancellation_warning, model_norms, near_uniform_warning
 from nanmerge.config import Recipe, load_recipe
+from nanmerge.engine._copied import copied_tensor_warning
 from nanmerge.engine._plan import Plan, plan
 from nanmerge.engine._stream import CHUNK, merge_stream, norm_pass
 from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
@@ -27,13 +32,17 @@ RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
 _MAX_WARNINGS = 12
 
 
-def _finish(coefficients: Coefficients, stats: Mapping[str, TensorStats]) -> Coefficients:
-    """Attach the per-model norms every report shows and condense repeated warnings."""
+def _finish(p: Plan, coefficients: Coefficients, stats: Mapping[str, TensorStats]) -> Coefficients:
+    """Attach the per-model norms every report shows, the plan's warnings (inputs first, so
+    condensing never drops them) and those about the numbers; condense repeated warnings."""
     coefficients.norms = model_norms(stats.values())
+    checks = [copied_tensor_warning(p)]
     if coefficients.per_tensor and coefficients.estimator == "nan":
-        warning = near_uniform_warning(coefficients)
-        if warning:
-            coefficients.warnings.append(warning)
+        checks.append(near_uniform_warning(coefficients))
+    if p.divides_by_coefficient_sum:
+        checks.append(cancellation_warning(coefficients))
+    found = [w for w in checks if w]
+    coefficients.warnings = [*p.warnings, *coefficients.warnings, *found]
     unique = list(dict.fromkeys(coefficients.warnings))
     if len(unique) > _MAX_WARNINGS:
         unique = [*unique[:_MAX_WARNINGS], f"... and {len(unique) - _MAX_WARNINGS} more warnings"]
@@ -65,7 +74,7 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
     try:
         stats = norm_pass(p, progress=progress)
         coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
-        return _finish(coefficients, stats)
+        return _finish(p, coefficients, stats)
     finally:
         p.close()
 
@@ -201,14 +210,29 @@ def _model_card(report: dict[str, Any]) -> str:
     )
 
 
-def _copy_source(p: Plan) -> Path | None:
-    if p.copy_files_from is not None:
-        return p.copy_files_from
-    for ckpt in [p.base, *p.models]:
-        folder = getattr(ckpt, "folder", None)
-        if folder is not None:
-            return Path(folder)
-    return None
+@contextmanager
+def _signals_end_like_ctrl_c() -> Iterator[None]:
+    """While a merge writes, SIGTERM and SIGHUP raise in the main thread as Ctrl-C does, so
+    the writer's `with` block removes its temporary folder on the way out.
+
+    Only handlers still at their defaults are replaced, and only in the main thread (where
+    Python runs handlers): a caller's own handlers are left alone. The exit status is the
+    usual 128 + signal number.
+    """
+    replaced: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            raise SystemExit(128 + signum)
+
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                replaced[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in replaced.items():
+            signal.signal(sig, previous)
 
 
 def merge(
@@ -228,41 +252,61 @@ def merge(
             state: dict[str, torch.Tensor] = {}
             merge_stream(p, coefficients, state.__setitem__, progress=progress)
             return state
-        metadata = {"merged_with": f"nanmerge {__version__}", "method": p.method.name}
-        writer = (
-            ModelWriter(
-                r.output,
-                p.entries,
-                max_shard_size=parse_size(r.max_shard_size),
-                overwrite=r.overwrite,
-                metadata=metadata,
-            )
-            if r.output_format == "full"
-            else LoraWriter(  # the recipe check guarantees a base and a rank
-                r.output,
-                p.entries,
-                rank=r.rank or 0,
-                base=p.reference,
-                base_model_name_or_path=p.reference.source,
-                overwrite=r.overwrite,
-                metadata=metadata,
-            )
-        )
-        with writer:
-            start = time.perf_counter()
-            stats = merge_stream(p, coefficients, writer.write, progress=progress)
-            timings["merge"] = time.perf_counter() - start
-            _finish(coefficients, stats)
-            report = _report(p, coefficients, timings, extra)
-            report["output"] = {"path": str(r.output), "weight_files": list(writer.shard_names)}
-            if isinstance(writer, LoraWriter):
-                report["output"]["lora"] = writer.summary()
-            source = _copy_source(p)
-            if source is not None:
-                writer.copy_files(source, NON_WEIGHT_FILES)
-            writer.add_file("merge_report.json", json.dumps(report, indent=2))
-            writer.add_file("README.md", _model_card(report))
-            writer.finalize()
-        return report
+        with _signals_end_like_ctrl_c():
+            return _write(p, coefficients, timings, extra, progress=progress)
     finally:
         p.close()
+
+
+def _write(
+    p: Plan,
+    coefficients: Coefficients,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+    *,
+    progress: bool,
+) -> dict[str, Any]:
+    """Merge into a temporary folder and move it into place; the report says what was done."""
+    r = p.recipe
+    assert r.output is not None
+    metadata = {"merged_with": f"nanmerge {__version__}", "method": p.method.name}
+    writer = (
+        ModelWriter(
+            r.output,
+            p.entries,
+            max_shard_size=parse_size(r.max_shard_size),
+            overwrite=r.overwrite,
+            metadata=metadata,
+            inputs=p.protected,
+        )
+        if r.output_format == "full"
+        else LoraWriter(  # the recipe check guarantees a base and a rank
+            r.output,
+            p.entries,
+            rank=r.rank or 0,
+            base=p.reference,
+            base_model_name_or_path=p.reference.source,
+            overwrite=r.overwrite,
+            metadata=metadata,
+            inputs=p.protected,
+        )
+    )
+    with writer:
+        start = time.perf_counter()
+        stats = merge_stream(p, coefficients, writer.write, progress=progress)
+        timings["merge"] = time.perf_counter() - start
+        _finish(p, coefficients, stats)
+        report = _report(p, coefficients, timings, extra)
+        report["output"] = {
+            "path": str(r.output),
+            "weight_files": list(writer.shard_names),
+            "notes": writer.notes,
+        }
+        if isinstance(writer, LoraWriter):
+            report["output"]["lora"] = writer.summary()
+        if p.copy_files_from is not None:
+            writer.copy_files(p.copy_files_from, NON_WEIGHT_FILES)
+        writer.add_file("merge_report.json", json.dumps(report, indent=2))
+        writer.add_file("README.md", _model_card(report))
+        writer.finalize()
+    return report

@@ -147,16 +147,48 @@ def merge_tensor(
             if stats is not None:
                 stats.append(tensor_stats(stack, base))
             where = {} if spec.prepare is None else {"offset": begin}
-            flat[begin : begin + stack.shape[1]] = spec.fn(
-                stack, coef, base=base, **params, **where
-            )
+            merged = spec.fn(stack, coef, base=base, **params, **where)
+            part = flat[begin : begin + stack.shape[1]]
+            part.copy_(merged)
+            if not _all_finite(part):
+                checked_stats(plan, item)  # a damaged input is named first
+                raise _overflow(item.name, merged, dtype)
         return out
     stack = torch.empty((len(item.models), *shape), dtype=torch.float32, device=device)
     for row, tensor in zip(stack, item.models, strict=True):
         row.copy_(tensor)
     base = None if item.base is None else item.base.to(torch.float32)
     item.models = item.base = None  # the float32 copies replace what was read
-    return spec.fn(stack, coef, base=base, **params).to(dtype)
+    merged = spec.fn(stack, coef, base=base, **params)
+    out = merged.to(dtype)
+    if not _all_finite(out):
+        raise _overflow(item.name, merged, dtype)
+    return out
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite: the smallest and largest are, as min and max propagate
+    NaN. On this CPU 0.14 ns an entry in bfloat16, against 8.8 for `isfinite(t).all()`."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def _overflow(name: str, merged: torch.Tensor, dtype: torch.dtype) -> MergeError:
+    """The error for a merged tensor that is not finite in float32 or in the output dtype."""
+    bad = int((~torch.isfinite(merged)).sum())
+    if bad:
+        return MergeError(
+            f"merged tensor '{name}' overflows in float32 ({bad} of {merged.numel()} entries "
+            "are Inf or NaN) and nanmerge never writes them: check the coefficients and the "
+            "scale, since large or nearly cancelling weights amplify the models"
+        )
+    return MergeError(
+        f"merged tensor '{name}' overflows when cast to {str(dtype).removeprefix('torch.')} "
+        f"(largest magnitude {float(merged.abs().max()):.4g}) and nanmerge never writes Inf: "
+        "write a wider dtype, `dtype: bfloat16` (float32's range) or `dtype: float32`"
+    )
 
 
 class ReadBuffers:

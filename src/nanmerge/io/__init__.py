@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from ._checkpoint import CheckpointReader
+from ._checkpoint import NON_WEIGHT_FILES, CheckpointReader
 from ._hub import HubRepo, hub_cache_dir, hub_snapshot, model_folder, parse_repo_id
 from ._inspect import format_inspection, inspect_checkpoint
 from ._lora import LoraAdapter, is_lora_adapter, open_model
 from ._lora_writer import LoraWriter
+from ._output import Protected, output_problems, protected_paths
 from ._readers import ShardedCheckpoint, StateDictCheckpoint, TorchFile, open_checkpoint
 from ._safetensors import SafetensorsFile
-from ._writer import NON_WEIGHT_FILES, ModelWriter, parse_size
+from ._writer import ModelWriter, escaping_side_files, parse_size
 
 __all__ = [
     "NON_WEIGHT_FILES",
@@ -18,10 +19,12 @@ __all__ = [
     "LoraAdapter",
     "LoraWriter",
     "ModelWriter",
+    "Protected",
     "SafetensorsFile",
     "ShardedCheckpoint",
     "StateDictCheckpoint",
     "TorchFile",
+    "escaping_side_files",
     "format_inspection",
     "hub_cache_dir",
     "hub_snapshot",
@@ -30,6 +33,8 @@ __all__ = [
     "model_folder",
     "open_checkpoint",
     "open_model",
+    "output_problems",
     "parse_repo_id",
     "parse_size",
+    "protected_paths",
 ]

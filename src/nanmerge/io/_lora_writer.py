@@ -11,15 +11,16 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
 
 from ._lora import CONFIG_FILE, PEFT_PREFIX, WEIGHT_FILES
+from ._output import Protected
 from ._writer import ModelWriter
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 ADAPTER_WEIGHTS = WEIGHT_FILES[0]
 # Model files that would make an adapter folder look like a full model.
@@ -48,6 +49,8 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     vectors in O((rows + cols) r) memory and a fraction of the time, nearly as accurately;
     the report measures the error of the factors actually written either way.
     """
+    import torch
+
     delta = delta.to(torch.float32)
     r = min(rank, *delta.shape)
     if (r + _OVERSAMPLE) * 4 > min(delta.shape):
@@ -61,6 +64,8 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 def _randomized_svd(
     delta: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(delta.shape[1], width, generator=generator)
     basis, _ = torch.linalg.qr(delta @ probe)
@@ -90,6 +95,7 @@ class LoraWriter(ModelWriter):
         base_model_name_or_path: str | None = None,
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        inputs: Sequence[Protected] = (),
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise MergeError(f"LoRA output needs a positive integer `rank`, got {rank!r}")
@@ -100,7 +106,9 @@ class LoraWriter(ModelWriter):
                 f"{base.source} (first: '{absent[0]}'), so they have no delta; set "
                 "`missing_tensors: skip` or write `output_format: full`"
             )
-        super().__init__(output, [], max_shard_size=1, overwrite=overwrite, metadata=metadata)
+        super().__init__(
+            output, [], max_shard_size=1, overwrite=overwrite, metadata=metadata, inputs=inputs
+        )
         self.shard_names = [ADAPTER_WEIGHTS, CONFIG_FILE]  # add_file must not replace these
         self.rank = rank
         self._base = base
@@ -115,6 +123,8 @@ class LoraWriter(ModelWriter):
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Take the next planned tensor; keep its low-rank delta, full delta or nothing."""
+        import torch
+
         self._check_next(name, tensor, self._planned)
         meta = self._planned[self._next][1]
         self._next += 1
@@ -215,14 +225,14 @@ class LoraWriter(ModelWriter):
                     f"{len(self._planned)} planned tensors were never written, starting with "
                     f"'{missing}'"
                 )
+            from safetensors.torch import save_file
+
             save_file(self._tensors, self.temp_dir / ADAPTER_WEIGHTS, metadata=self._metadata)
             (self.temp_dir / CONFIG_FILE).write_text(
                 json.dumps(self._config(), indent=2) + "\n", encoding="utf-8"
             )
-            self._check_output_free()
             self._move_into_place()
         except BaseException:
             self.abort()
             raise
-        self._state = "finalized"
         return self.output

@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from nanmerge._types import MergeError, TensorMeta
 
+from ._hub import stays_in_source
+from ._output import (
+    Protected,
+    clean_stale,
+    move_into_place,
+    output_problems,
+    temp_names,
+    write_lock,
+)
 from ._safetensors import byte_view, check_writable, encode_header
 
-# Files a Hugging Face model folder needs besides its weights.
-NON_WEIGHT_FILES: tuple[str, ...] = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-)
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -85,15 +80,49 @@ def _plan_shards(
     return shards
 
 
-def _is_occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+def escaping_side_files(src_folder: Path, names: Iterable[str]) -> list[str]:
+    """One problem per side file among `names` in `src_folder` that resolves outside it (or
+    outside the hub cache, for a snapshot): checked by the plan, and again when copying."""
+    problems = []
+    for name in names:
+        source = src_folder / name
+        if source.is_file() and not stays_in_source(source, src_folder):
+            problems.append(
+                f"{source} is a link to {source.resolve()}, outside {src_folder}; nanmerge "
+                "copies only files inside the source folder (or the Hugging Face cache): "
+                "put the file itself there, or set copy_files_from to a folder that holds it"
+            )
+    return problems
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+def os_error(exc: OSError, path: Path, *, needed: int = 0) -> MergeError:
+    """One line for an operating-system fault: what, which path, and what to do."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        free = _free_bytes(path)
+        room = "" if free is None else f"; {free:,} bytes are free there"
+        return MergeError(
+            f"disk full while writing {path}: the output needs {needed:,} bytes{room}; free "
+            "some space or choose an output on another file system"
+        )
+    if exc.errno == errno.EFBIG:
+        return MergeError(
+            f"file too large for its file system: {path}; set a smaller max_shard_size "
+            "(e.g. 2GB) or write to another file system"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return MergeError(f"cannot write {path}: {reason}; choose an output you may write to")
+    return MergeError(f"cannot write {path}: {reason}")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
 
 
 def _start_writeback(file: BinaryIO, begin: int) -> None:
@@ -127,9 +156,11 @@ class ModelWriter:
         max_shard_size: int,
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        inputs: Sequence[Protected] = (),
     ) -> None:
         self.output = Path(output)
         self.overwrite = overwrite
+        self._inputs = tuple(inputs)
         if max_shard_size <= 0:
             raise MergeError(
                 f"max_shard_size must be a positive number of bytes, not {max_shard_size}"
@@ -149,7 +180,6 @@ class ModelWriter:
                     f"safetensors metadata must map strings to strings; got {key!r}: {value!r}"
                 )
             self._metadata[key] = value
-        self._check_output_free()
         self.shards = _plan_shards(entries, max_shard_size)
         count = len(self.shards)
         self.shard_names = (
@@ -163,17 +193,44 @@ class ModelWriter:
         self._planned = [(name, meta) for _, name, meta in self._order]
         self._next = 0
         self._file: BinaryIO | None = None
+        self.notes: list[str] = []
+        self.planned_bytes = sum(meta.nbytes for _, meta in entries)
+        self.temp_dir, self._old, self._lock = temp_names(self.output, uuid.uuid4().hex[:8])
+        with self._os_errors(self.output.parent):
+            self.notes += clean_stale(self.output)
+            self._check_output_free()
+            self._check_room()
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            write_lock(self._lock)  # before the folder exists: no folder is ever ownerless
+            try:
+                self.temp_dir.mkdir()
+            except BaseException:
+                self._lock.unlink(missing_ok=True)
+                raise
         self._state = "open"
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.temp_dir = self.output.parent / f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.temp_dir.mkdir()
 
     def _check_output_free(self) -> None:
-        if _is_occupied(self.output) and not self.overwrite:
+        problems = output_problems(self.output, overwrite=self.overwrite, inputs=self._inputs)
+        if problems:
+            raise MergeError("; ".join(problems))
+
+    def _check_room(self) -> None:
+        """Refuse up front when the planned output cannot fit on its file system."""
+        free = _free_bytes(self.output.parent)
+        if free is not None and self.planned_bytes > free:
             raise MergeError(
-                f"output {self.output} already exists and is not empty; pass --overwrite "
-                "(overwrite: true) to replace it, or choose another output"
+                f"the output needs {self.planned_bytes:,} bytes but {self.output.parent} has "
+                f"only {free:,} bytes free; free some space or choose an output on another "
+                "file system"
             )
+
+    @contextmanager
+    def _os_errors(self, path: Path) -> Iterator[None]:
+        """Operating-system faults become one-line errors naming `path`."""
+        try:
+            yield
+        except OSError as exc:
+            raise os_error(exc, Path(exc.filename or path), needed=self.planned_bytes) from None
 
     def _require_open(self) -> None:
         if self._state != "open":
@@ -203,14 +260,15 @@ class ModelWriter:
         """Append the next planned tensor; names, shapes and dtypes must match the plan."""
         self._check_next(name, tensor, self._planned)
         shard = self._order[self._next][0]
-        file = self._file or self._start_shard(shard)
-        begin = file.tell()
-        file.write(byte_view(tensor.detach().to("cpu").contiguous()))
-        file.flush()  # bytes leave memory as each tensor arrives
-        _start_writeback(file, begin)
-        self._next += 1
-        if self._next == len(self._order) or self._order[self._next][0] != shard:
-            self._end_shard()
+        with self._os_errors(self.temp_dir / self.shard_names[shard]):
+            file = self._file or self._start_shard(shard)
+            begin = file.tell()
+            file.write(byte_view(tensor.detach().to("cpu").contiguous()))
+            file.flush()  # bytes leave memory as each tensor arrives
+            _start_writeback(file, begin)
+            self._next += 1
+            if self._next == len(self._order) or self._order[self._next][0] != shard:
+                self._end_shard()
 
     def _start_shard(self, shard: int) -> BinaryIO:
         file = open(self.temp_dir / self.shard_names[shard], "wb")  # noqa: SIM115 - kept open
@@ -240,19 +298,30 @@ class ModelWriter:
         """Add a file (the report, the model card) to the output folder."""
         self._require_open()
         target = self._target(relative_name)
-        if isinstance(content, str):
-            target.write_text(content, encoding="utf-8")
-        else:
-            target.write_bytes(content)
+        with self._os_errors(target):
+            if isinstance(content, str):
+                target.write_text(content, encoding="utf-8")
+            else:
+                target.write_bytes(content)
 
     def copy_files(self, src_folder: Path, names: Iterable[str]) -> list[str]:
-        """Copy those of `names` that exist in `src_folder`; returns the names copied."""
+        """Copy those of `names` that exist in `src_folder`; returns the names copied.
+
+        A file that resolves outside `src_folder` (or outside the hub cache, for a snapshot)
+        is refused with a MergeError rather than skipped: a model without its tokenizer would
+        look complete and fail later, far from the cause.
+        """
         self._require_open()
+        names = list(names)
+        escaping = escaping_side_files(Path(src_folder), names)
+        if escaping:
+            raise MergeError("; ".join(escaping))
         copied = []
         for name in names:
             source = Path(src_folder) / name
             if source.is_file():
-                shutil.copyfile(source, self._target(name))
+                with self._os_errors(self.temp_dir / name):
+                    shutil.copyfile(source, self._target(name))
                 copied.append(name)
         return copied
 
@@ -271,12 +340,10 @@ class ModelWriter:
                 self._end_shard()
             if len(self.shards) > 1:
                 self._write_index()
-            self._check_output_free()
             self._move_into_place()
         except BaseException:
             self.abort()
             raise
-        self._state = "finalized"
         return self.output
 
     def _write_index(self) -> None:
@@ -288,21 +355,12 @@ class ModelWriter:
         )
 
     def _move_into_place(self) -> None:
-        if not self.output.exists():
-            self.temp_dir.rename(self.output)
-            return
-        if not _is_occupied(self.output):  # an empty folder: nothing to keep
-            self.output.rmdir()
-            self.temp_dir.rename(self.output)
-            return
-        old = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
-        self.output.rename(old)
-        try:
-            self.temp_dir.rename(self.output)
-        except BaseException:
-            old.rename(self.output)
-            raise
-        _remove(old)
+        """Check the output again (it may have changed during the merge), then swap it in."""
+        self._check_output_free()
+        with self._os_errors(self.output):
+            move_into_place(self.temp_dir, self._old, self.output)
+        self._state = "finalized"
+        self._lock.unlink(missing_ok=True)
 
     def abort(self) -> None:
         """Delete the temporary folder; the output is left as it was. Safe to call twice."""
@@ -313,6 +371,7 @@ class ModelWriter:
             self._file.close()
             self._file = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._lock.unlink(missing_ok=True)
 
     def __enter__(self: _Writer) -> _Writer:
         return self
