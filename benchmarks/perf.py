@@ -388,7 +388,8 @@ def command_startups(work: Path, repeats: int) -> dict[str, float]:
     """Median wall seconds of commands that compute nothing (no torch needed), next to two
     references measured in the same run: a bare interpreter and `import torch`. Inspecting
     with norms and a recipe whose method is unknown (the engine's plan reports it, with
-    every other problem) are timed too: both import torch."""
+    every other problem) are timed too: inspecting imports torch; an unknown method is
+    answered by the engine's torch-free recipe check."""
     small = work / "small.safetensors"
     save_file({"w": torch.zeros(64, 64), "b": torch.zeros(64)}, small)
     models = f"models: [{work / 'a'}, {work / 'b'}]\noutput: {work / 'out'}"
@@ -406,6 +407,46 @@ def command_startups(work: Path, repeats: int) -> dict[str, float]:
         "nanmerge run (unknown method)": ([*exe, "run", str(work / "unknown-method.yaml")], 2),
     }
     return {label: median_seconds(cmd, repeats, code) for label, (cmd, code) in commands.items()}
+
+
+def finite_check_cost(
+    folders: list[Path], work: Path, methods: list[str], extra: dict[str, object]
+) -> None:
+    """Seconds the merge spends checking that every output chunk is finite, against the
+    merge's wall time, measured in the same in-process merge (the check wrapped in a timer).
+
+    Paired wall times cannot resolve a cost of 1-2% on this machine (run-to-run noise is
+    15-30%), so the check is timed where it runs, on the real output tensors.
+    """
+    import nanmerge
+    from nanmerge.engine import _stream
+
+    check = _stream._all_finite
+    spent = [0.0]
+
+    def timed_check(tensor: torch.Tensor) -> bool:
+        start = time.perf_counter()
+        try:
+            return check(tensor)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    _stream._all_finite = timed_check  # type: ignore[assignment]
+    try:
+        for method in methods:
+            recipe = nanmerge_recipe(method, "uniform", folders, work / "merged", extra)
+            shutil.rmtree(work / "merged", ignore_errors=True)
+            spent[0] = 0.0
+            start = time.perf_counter()
+            nanmerge.merge(recipe)
+            wall = time.perf_counter() - start
+            print(
+                f"{method:<16} merge {wall:6.2f} s, finite check {spent[0]:5.2f} s "
+                f"({100 * spent[0] / wall:.2f}% of the merge)",
+                flush=True,
+            )
+    finally:
+        _stream._all_finite = check
 
 
 def print_command_startups(repeats: int) -> dict[str, float]:
@@ -437,6 +478,11 @@ def main() -> None:
         "inspect --headers-only, a recipe error), then stop",
     )
     parser.add_argument(
+        "--finite-check",
+        action="store_true",
+        help="only time the output's finiteness check within in-process merges, then stop",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -460,6 +506,9 @@ def main() -> None:
         extra["threads"] = args.threads
     if args.device is not None:
         extra["device"] = args.device
+    if args.finite_check:
+        finite_check_cost(folders, work, args.methods, extra)
+        return
     params = sum(torch.Size(s).numel() for _, s in llama_shapes(args.size))
     print(
         f"size {args.size}: {params / 1e6:.0f}M parameters per model, bf16, "

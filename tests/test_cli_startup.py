@@ -40,6 +40,13 @@ def test_commands_without_tensor_math_do_not_import_torch(family: Family, tmp_pa
     recipe.write_text(
         yaml.safe_dump({"models": [str(p) for p in family.models], "method": "ties", "sead": 1})
     )
+    misspelt = tmp_path / "misspelt.yaml"
+    models = [str(p) for p in family.models]
+    misspelt.write_text(
+        yaml.safe_dump(
+            {"base": str(family.base), "models": models, "method": "tie", "output": "out"}
+        )
+    )
     result = probe(
         [
             ["--help"],
@@ -48,13 +55,27 @@ def test_commands_without_tensor_math_do_not_import_torch(family: Family, tmp_pa
             ["methods", "--json"],
             ["inspect", "--headers-only", str(family.base)],
             ["run", str(recipe)],
+            ["run", str(misspelt)],
+            [
+                "merge",
+                "--model",
+                models[0],
+                "--method",
+                "ties",
+                "--param",
+                "densty=1",
+                "--output",
+                "o",
+            ],
         ]
     )
-    assert result["exit_codes"] == [0, 0, 0, 0, 0, 2], result["outputs"]
+    assert result["exit_codes"] == [0, 0, 0, 0, 0, 2, 2, 2], result["outputs"]
     outputs = result["outputs"]
     assert isinstance(outputs, list)
     assert "ties" in outputs[2] and "layer.weight" in outputs[4]
     assert "sead: unknown field (did you mean 'seed'?)" in outputs[5]
+    assert "unknown merge method 'tie' (did you mean 'ties'?)" in outputs[6]
+    assert "'densty'" in outputs[7] and "density" in outputs[7]
     assert result["torch_loaded"] is False
 
 

@@ -170,10 +170,11 @@ def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
         _fail(MergeError("--quiet and --verbose contradict each other; pass one"))
     if recipe.output is None:
         _fail(MergeError("the recipe has no `output`; set one or pass --output"))
-    from nanmerge.engine import merge
+    import nanmerge.engine as engine  # its torch-free part: `merge` loads torch on first use
 
     try:
-        result = merge(recipe, progress=not quiet)
+        engine.check_recipe(recipe)  # a misspelt method or parameter, answered before torch
+        result = engine.merge(recipe, progress=not quiet)
     except MergeError as exc:
         _fail(exc)
         return

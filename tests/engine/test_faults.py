@@ -240,3 +240,16 @@ def test_the_report_lists_the_notes_of_a_cleaned_up_output(family: Family, tmp_p
     report = nanmerge.merge(_recipe(family, out))
     assert isinstance(report, dict) and "killed run" in report["output"]["notes"][0]
     assert json.loads((out / "merge_report.json").read_text())["output"]["notes"]
+
+
+def test_a_read_fault_is_one_line_naming_the_input(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing = _fail_with(errno.EIO)
+    monkeypatch.setattr(_run, "plan", _plan_then(lambda: monkeypatch.setattr("os.preadv", failing)))
+    out = tmp_path / "merged"
+    with pytest.raises(
+        MergeError, match=r"cannot read .*base\.safetensors \(Input/output error\) while reading "
+    ):
+        nanmerge.merge(_recipe(family, out))
+    assert not out.exists() and _leftovers(tmp_path) == []

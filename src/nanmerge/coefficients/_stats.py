@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from nanmerge._types import TensorStats
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
+    import torch
 
 NORM_BLOCK = 4096
 
@@ -16,6 +18,8 @@ def _sumsq(x: torch.Tensor) -> float:
 
     Non-finite entries make the result non-finite, which the engine uses as its check.
     """
+    import torch
+
     flat = x.reshape(-1)
     whole = flat.numel() - flat.numel() % NORM_BLOCK
     blocks = [flat[:whole].view(-1, NORM_BLOCK), flat[whole:].view(1, -1)]
@@ -31,6 +35,8 @@ def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> Ten
     accumulated in float64 so that norms summed over billions of entries stay exact enough
     to rank models whose norms differ by well under a percent.
     """
+    import torch
+
     finetuned = tuple(_sumsq(t) for t in tensors)
     task_vector = None
     if base is not None:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ConfigDict, ValidationError, create_model
 
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
-from nanmerge.coefficients import EstimatorSpec, get_estimator
+from nanmerge.coefficients import EstimatorSpec
 from nanmerge.config import Recipe
+from nanmerge.engine._recipe import (
+    check_shard_size,
+    fail,
+    resolve_estimator,
+    resolve_method,
+)
 from nanmerge.engine._statistics import Statistics, open_statistics
 from nanmerge.io import (
     NON_WEIGHT_FILES,
@@ -25,10 +28,9 @@ from nanmerge.io import (
     model_folder,
     open_model,
     output_problems,
-    parse_size,
     protected_paths,
 )
-from nanmerge.methods import MethodSpec, check_params, count_problem, get_method
+from nanmerge.methods import MethodSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_LISTED = 8
@@ -71,88 +73,6 @@ class Plan:
                 ckpt.close()
         if self.statistics is not None:
             self.statistics.close()
-
-
-def _fail(problems: list[str]) -> None:
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise MergeError(f"the recipe cannot be merged ({len(problems)} problem(s)):\n{listed}")
-
-
-def _bind_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str) -> list[str]:
-    """Check options against the keyword-only parameters of `fn`: names and types, all at once."""
-    hints = inspect.get_annotations(fn, eval_str=True)
-    fields: dict[str, Any] = {
-        name: (hints.get(name, Any), p.default if p.default is not p.empty else ...)
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is p.KEYWORD_ONLY
-    }
-    problems = []
-    for key in options:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            valid = ", ".join(fields) or "none"
-            problems.append(f"{what}: unknown option '{key}'{hint}; valid options: {valid}")
-    known = {k: v for k, v in options.items() if k in fields}
-    model = create_model(f"{what}_options", __config__=ConfigDict(strict=False), **fields)
-    try:
-        model.model_validate(known)
-    except ValidationError as exc:
-        for err in exc.errors():
-            if err["type"] == "missing" and err["loc"][0] not in known:
-                continue
-            problems.append(f"{what}: option '{err['loc'][0]}': {err['msg']}")
-    return problems
-
-
-def _resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, Any]]:
-    try:
-        spec = get_estimator(recipe.coefficients.estimator)
-    except MergeError as exc:
-        problems.append(str(exc))
-        return None, {}
-    options = recipe.coefficients.options
-    if spec.name == "manual":
-        if "values" in options:
-            problems.append(
-                "coefficients: manual reads each model's `coefficient`; remove the `values` option"
-            )
-        missing = [str(i) for i, m in enumerate(recipe.models) if m.coefficient is None]
-        if missing:
-            problems.append(
-                f"coefficients: manual needs a `coefficient` on every model; models "
-                f"{', '.join(missing)} have none"
-            )
-        options = {"values": [m.coefficient for m in recipe.models], **options}
-    elif any(m.coefficient is not None for m in recipe.models):
-        problems.append(
-            f"models carry a `coefficient` but coefficients is '{spec.name}'; "
-            "set `coefficients: manual` to use them, or remove them"
-        )
-    fn_options = {k: v for k, v in options.items() if k != "values" or spec.name != "manual"}
-    problems += _bind_options(spec.fn, fn_options, f"estimator '{spec.name}'")
-    if spec.name == "nan" and options.get("norm_of") == "task_vector" and recipe.base is None:
-        problems.append("coefficients: nan with norm_of: task_vector needs a `base` model")
-    return spec, options
-
-
-def _resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, Any]]:
-    try:
-        spec = get_method(recipe.method)
-    except MergeError as exc:
-        problems.append(str(exc))
-        return None, {}
-    problems += check_params(spec, recipe.parameters)
-    count = count_problem(spec, len(recipe.models))
-    if count:
-        problems.append(count)
-    if spec.needs_base and recipe.base is None:
-        problems.append(
-            f"method '{spec.name}' adds task vectors (model - base) and needs `base`: "
-            "the pretrained model the others were fine-tuned from"
-        )
-    return spec, {**spec.params, **recipe.parameters}
 
 
 def _side_file_folder(checkpoints: list[Checkpoint]) -> Path | None:
@@ -313,14 +233,6 @@ def _layout(
     return entries, merged, fill
 
 
-def _check_shard_size(recipe: Recipe, problems: list[str]) -> None:
-    """A size the writer cannot read fails here, before the norm pass, not after it."""
-    try:
-        parse_size(recipe.max_shard_size)
-    except MergeError as exc:
-        problems.append(f"max_shard_size: {exc}")
-
-
 def _check_device(recipe: Recipe, problems: list[str]) -> None:
     """The merge's device must exist here before any tensor is read."""
     try:
@@ -343,11 +255,11 @@ def _check_device(recipe: Recipe, problems: list[str]) -> None:
 def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     """Check the recipe and every input; raise one MergeError that lists every problem."""
     problems: list[str] = []
-    method, params = _resolve_method(recipe, problems)
-    estimator, options = _resolve_estimator(recipe, problems)
+    method, params = resolve_method(recipe, problems)
+    estimator, options = resolve_estimator(recipe, problems)
     _check_device(recipe, problems)
     if for_output:
-        _check_shard_size(recipe, problems)
+        check_shard_size(recipe, problems)
     copy_from = None
     if recipe.copy_files_from is not None:
         try:
@@ -368,7 +280,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
             entries, merged, fill = _layout(recipe, base, models, problems)
             statistics = open_statistics(recipe, method, entries, merged, problems)
-        _fail(problems)
+        fail(problems)
     except BaseException:
         for ckpt in opened:
             ckpt.close()

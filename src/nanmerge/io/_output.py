@@ -222,11 +222,12 @@ def move_into_place(temp: Path, old: Path, output: Path) -> None:
 
 
 def protected_paths(pairs: Sequence[tuple[str, object]]) -> list[Protected]:
-    """The local paths among labelled sources (strings or paths; in-memory inputs are not)."""
-    out = []
+    """The local paths among labelled sources (strings or paths; in-memory inputs are not),
+    each input once however many ways it was named."""
+    out: dict[tuple[str, Path], Protected] = {}
     for label, source in pairs:
         if isinstance(source, str | os.PathLike):
             path = Path(source).expanduser()
             if path.exists() or path.is_symlink():
-                out.append(Protected(label, path))
-    return out
+                out.setdefault((label, path.resolve()), Protected(label, path))
+    return list(out.values())

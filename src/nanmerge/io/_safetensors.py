@@ -80,6 +80,15 @@ def _corrupt(path: str, problem: str) -> MergeError:
     return MergeError(f"safetensors file {path} looks truncated or corrupt: {problem}; {_FIX_HINT}")
 
 
+def _unreadable_file(path: str, exc: OSError, doing: str) -> MergeError:
+    """An operating-system fault while reading (permissions, I/O error, a vanished mount)."""
+    reason = exc.strerror or type(exc).__name__
+    return MergeError(
+        f"cannot read {path} ({reason}) while {doing}; check that the file is readable and "
+        "its disk or mount is still there"
+    )
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory, for pread and write.
 
@@ -207,7 +216,10 @@ class SafetensorsFile(CheckpointReader):
         self.path = Path(path)
         self.source = str(path)
         self.folder = None
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - held until close()
+        try:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise _unreadable_file(self.source, exc, "opening it") from None
         self._lock = threading.Lock()  # only for platforms without pread: seek + read
         try:
             self._entries, self.metadata = self._read_header()
@@ -261,12 +273,15 @@ class SafetensorsFile(CheckpointReader):
     def _read_into(self, view: memoryview, offset: int, what: str) -> None:
         done = 0
         while done < len(view):
-            if hasattr(os, "preadv"):
-                got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
-            else:
-                with self._lock:
-                    self._file.seek(offset + done)
-                    got = self._file.readinto(view[done:]) or 0
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                else:
+                    with self._lock:
+                        self._file.seek(offset + done)
+                        got = self._file.readinto(view[done:]) or 0
+            except OSError as exc:
+                raise _unreadable_file(self.source, exc, f"reading {what}") from None
             if got == 0:
                 raise _corrupt(
                     self.source,
