@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from nanmerge import MergeError, load_recipe, merge
-from nanmerge._mergekit import from_mergekit
 from nanmerge.cli import main
+from nanmerge.recipes import from_mergekit
 from tests.conftest import Family, build_family
 
 # mergekit examples/linear.yml

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from nanmerge._mergekit import from_mergekit
+from nanmerge._params import did_you_mean
 from nanmerge._types import MergeError
+from nanmerge.recipes import from_mergekit
 
 # Aliases (`*name`) may add at most this many nodes to a YAML recipe, counted as expanded.
 MAX_ALIAS_NODES = 10_000
@@ -190,9 +191,7 @@ def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden":
         valid = ModelEntry.model_fields if loc[0] == "models" else Recipe.model_fields
-        close = difflib.get_close_matches(str(loc[-1]), list(valid), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{where}: unknown field{hint}"
+        return f"{where}: unknown field{did_you_mean(str(loc[-1]), valid)}"
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
@@ -244,6 +243,20 @@ class _RecipeLoader(yaml.SafeLoader):
                 f"{MAX_ALIAS_NODES}; write the repeated parts out or use fewer aliases"
             )
         return node
+
+
+# YAML 1.1 (PyYAML) reads `1e-8` as a string; YAML 1.2 and every reader of the recipe
+# expect a number, so exponents without a decimal point are floats here too.
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_value(text: str) -> Any:
+    """A value written on the command line (`--param density=1e-1`), read as in a recipe."""
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -17,7 +17,6 @@ from torch import nn
 from tqdm import tqdm
 
 import nanmerge
-from nanmerge.adamerging import adamerging, save_coefficients
 from nanmerge.bench._checkpoints import ModelSet, load_checkpoint
 from nanmerge.bench._merging import (
     COEFFICIENTS,
@@ -29,7 +28,7 @@ from nanmerge.bench._merging import (
     method_params,
     recipe,
 )
-from nanmerge.statistics import Kind, compute_statistics, save_statistics
+from nanmerge.learn import Kind, adamerging, compute_statistics, save_coefficients, save_statistics
 
 METHODS = ("fisher", "regmean")
 _KINDS: tuple[tuple[Kind, str], ...] = (("fisher", "fisher"), ("gram", "regmean"))

@@ -23,7 +23,7 @@ from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import ModelSet, cache_folder, save_checkpoint
 from nanmerge.bench._evaluate import problem_info
 from nanmerge.bench._merging import COEFFICIENTS, UNIFORM, State, sweep, sweep_size
-from nanmerge.statistics import save_statistics
+from nanmerge.learn import save_statistics
 
 METHODS = ("weight_average", "task_arithmetic")
 # family -> (noise multiplier, solver): `ols_noisy` is the regime where the derivation's

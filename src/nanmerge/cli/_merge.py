@@ -1,0 +1,210 @@
+"""The commands that merge or estimate: `run` (a YAML recipe), `merge` (flags), `coefficients`."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nanmerge._types import MergeError
+from nanmerge.cli._report import coefficient_table, fail, plan_details, print_summary
+from nanmerge.config import Recipe, load_recipe, yaml_value
+
+# Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
+_COMPOUND = {"models", "parameters", "coefficients"}
+
+
+def _key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """Parse KEY=VALUE flags; values are YAML scalars so `density=0.2` gives a float."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MergeError(f"{flag} expects KEY=VALUE, got '{pair}'")
+        out[key] = yaml_value(value)
+    return out
+
+
+def _field_option(name: str) -> click.Option:
+    """A click option generated from one Recipe field, so CLI and YAML cannot drift."""
+    info = Recipe.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = args[0]
+    help_text = info.description or ""
+    if kind is bool:
+        return click.Option([flag], is_flag=True, default=None, help=help_text)
+    if typing.get_origin(kind) is typing.Literal:
+        return click.Option([flag], type=click.Choice(typing.get_args(kind)), help=help_text)
+    if typing.get_origin(kind) is list:
+        return click.Option([flag], multiple=True, help=f"{help_text} (repeat)")
+    click_type: Any = {int: int, Path: click.Path(path_type=Path)}.get(kind, str)
+    return click.Option([flag], type=click_type, default=None, help=help_text)
+
+
+def _recipe_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in flags.items() if k in Recipe.model_fields and v not in (None, ())}
+    data["models"] = list(flags["model"])
+    if flags["coefficient"]:
+        if len(flags["coefficient"]) != len(flags["model"]):
+            raise MergeError(
+                f"--coefficient given {len(flags['coefficient'])} times for "
+                f"{len(flags['model'])} --model flags; give one per model, in order"
+            )
+        data["models"] = [
+            {"path": m, "coefficient": c}
+            for m, c in zip(flags["model"], flags["coefficient"], strict=True)
+        ]
+    data["parameters"] = _key_values(flags["param"], "--param")
+    estimator = {} if flags["coefficients"] is None else {"estimator": flags["coefficients"]}
+    data["coefficients"] = {
+        **estimator,
+        **_key_values(flags["coefficients_option"], "--coefficients-option"),
+    }
+    return data
+
+
+def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
+    if quiet and verbose:
+        fail(MergeError("--quiet and --verbose contradict each other; pass one"))
+    if recipe.output is None:
+        fail(MergeError("the recipe has no `output`; set one or pass --output"))
+    import nanmerge.engine as engine  # its torch-free part: `merge` loads torch on first use
+
+    try:
+        engine.check_recipe(recipe)  # a misspelt method or parameter, answered before torch
+        result = engine.merge(recipe, progress=not quiet)
+    except MergeError as exc:
+        fail(exc)
+        return
+    if not quiet:
+        print_summary(result)
+    if verbose:
+        click.echo(plan_details(result))
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="override the recipe's output")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--quiet", is_flag=True, help="no progress bars or summary")
+@click.option("--verbose", is_flag=True, help="also print the plan and per-tensor coefficients")
+@click.option(
+    "--allow-downloads", is_flag=True, help="download Hugging Face repo ids missing from the cache"
+)
+def run(
+    recipe: Path,
+    output: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    verbose: bool,
+    allow_downloads: bool,
+) -> None:
+    """Merge as RECIPE (a YAML file) says."""
+    try:
+        r = load_recipe(recipe)
+        updates = {"overwrite": True} if overwrite else {}
+        if allow_downloads:
+            updates["allow_downloads"] = True
+        if output is not None:
+            updates["output"] = output  # type: ignore[assignment]
+        r = load_recipe({**r.model_dump(), **updates})
+    except MergeError as exc:
+        fail(exc)
+        return
+    _run_merge(r, quiet, verbose)
+
+
+def _merge_command() -> click.Command:
+    params: list[click.Parameter] = [
+        _field_option(name) for name in Recipe.model_fields if name not in _COMPOUND
+    ]
+    params += [
+        click.Option(["--model"], multiple=True, required=True, help="a fine-tuned model (repeat)"),
+        click.Option(
+            ["--coefficient"],
+            type=float,
+            multiple=True,
+            help="per-model weight for --coefficients manual (repeat, in order)",
+        ),
+        click.Option(["--param"], multiple=True, help="method parameter KEY=VALUE (repeat)"),
+        click.Option(
+            ["--coefficients"],
+            default=None,
+            help="coefficient estimator, e.g. nan or manual (default: uniform weights)",
+        ),
+        click.Option(
+            ["--coefficients-option"],
+            multiple=True,
+            help="estimator option KEY=VALUE, e.g. norm_of=task_vector (repeat)",
+        ),
+        click.Option(["--quiet"], is_flag=True, help="no progress bars or summary"),
+        click.Option(
+            ["--verbose"], is_flag=True, help="also print the plan and per-tensor coefficients"
+        ),
+    ]
+
+    def callback(**flags: Any) -> None:
+        try:
+            r = load_recipe(_recipe_from_flags(flags))
+        except MergeError as exc:
+            fail(exc)
+            return
+        _run_merge(r, flags["quiet"], flags["verbose"])
+
+    return click.Command(
+        "merge",
+        params=params,
+        callback=callback,
+        help="Merge with the recipe given as flags (same fields as YAML).",
+    )
+
+
+merge = _merge_command()
+
+
+def _data_sizes(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MergeError(
+            f"--data-sizes expects comma-separated numbers, one per model; got '{text}'"
+        ) from None
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON (reusable with from_file)")
+@click.option("--diagnose", is_flag=True, help="judge whether NAN's premise looks plausible")
+@click.option("--data-sizes", help="training-set size per model, comma-separated (--diagnose)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def coefficients(
+    recipe: Path, as_json: bool, diagnose: bool, data_sizes: str | None, quiet: bool
+) -> None:
+    """Estimate and print RECIPE's coefficients and per-model norms, without merging."""
+    from nanmerge.coefficients import diagnose as run_diagnosis
+    from nanmerge.engine import estimate_coefficients
+
+    try:
+        sizes = _data_sizes(data_sizes)
+        coefs = estimate_coefficients(recipe, progress=not quiet and not as_json)
+        diagnosis = run_diagnosis(coefs, sizes) if diagnose or sizes is not None else None
+    except MergeError as exc:
+        fail(exc)
+        return
+    if as_json:
+        data = coefs.to_json()
+        if diagnosis is not None:
+            data["diagnosis"] = diagnosis
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(coefficient_table(coefs))
+    if diagnosis is not None:
+        click.echo("diagnosis:")
+        click.echo("\n".join(f"  - {line}" for line in diagnosis["verdict"]))

@@ -1,0 +1,7 @@
+"""Translators from other tools' recipes into nanmerge's: pure functions over parsed YAML."""
+
+from __future__ import annotations
+
+from nanmerge.recipes._mergekit import from_mergekit
+
+__all__ = ["from_mergekit"]
