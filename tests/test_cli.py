@@ -155,6 +155,19 @@ def test_methods_lists_every_method_with_parameters_and_reference() -> None:
     assert all(row["reference"].startswith("http") for row in data.values())
 
 
+def test_methods_states_each_parameters_constraint_in_words() -> None:
+    text = CliRunner().invoke(main, ["methods"]).output
+    assert "    density=0.2 (a number with 0 < x <= 1)\n" in text
+    assert "    merge=mean (one of 'mean', 'sum')\n" in text
+    assert "    and gamma + density <= 1" in text  # breadcrumbs' rule tying two parameters
+    data = json.loads(CliRunner().invoke(main, ["methods", "--json"]).output)
+    for row in data.values():  # keys added, none removed
+        assert {"parameters", "needs_base", "models", "statistics", "reference"} <= set(row)
+        assert set(row["constraints"]) == set(row["parameters"])
+    assert data["slerp"]["constraints"] == {"t": "a number with 0 <= x <= 1"}
+    assert data["ties"]["rule"] is None
+
+
 def test_console_script_is_installed_and_runs() -> None:
     exe = Path(sys.executable).parent / "nanmerge"
     result = subprocess.run([str(exe), "methods"], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import nanmerge
 from nanmerge import MergeError, load_recipe
-from nanmerge.config import MAX_ALIAS_NODES
+from nanmerge.config import MAX_ALIAS_NODES, yaml_value
 from tests.conftest import Family
 
 # Nine levels of nine aliases: 9**9 (387 million) leaves once expanded, under 1 KB as text.
@@ -131,3 +131,16 @@ def test_unreadable_max_shard_size_fails_in_the_plan(family: Family, tmp_path: P
     with pytest.raises(MergeError, match="max_shard_size: cannot read size '2 parsecs'"):
         nanmerge.merge(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_exponents_without_a_decimal_point_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 would read `1e-8` as a string; recipes and --param flags read a float."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "models: [a.safetensors]\nmethod: ties\nparameters: {density: 5e-1, scale: 1E0}\n"
+        "coefficients: {estimator: nan, eps: 1e-8}\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.parameters == {"density": 0.5, "scale": 1.0}
+    assert recipe.coefficients.options == {"eps": 1e-8}
+    assert yaml_value("2e3") == 2000.0 and yaml_value("12") == 12 and yaml_value("x1e2") == "x1e2"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
@@ -47,6 +47,56 @@ class Checkpoint(Protocol):
     def __iter__(self) -> Iterator[str]: ...
 
     def close(self) -> None: ...
+
+
+Role = Literal["embedding", "attention", "mlp", "norm", "head", "other"]
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where one tensor sits in its model, computed once per tensor by the plan.
+
+    A method or hook receives it by declaring a keyword-only `context` parameter. `layer`
+    is the index of the transformer block the tensor belongs to (None outside the blocks
+    or for names nanmerge cannot place), counted within its stack (T5's encoder and decoder
+    are two stacks); `num_layers` is that stack's size.
+    """
+
+    name: str
+    layer: int | None
+    num_layers: int | None
+    role: Role
+
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class Collect(Generic[P]):
+    """A whole-model statistic, gathered in the engine's one pass before the merge.
+
+    `partial` sees each chunk of each merged tensor (its context, the float32 (M, c) stack of
+    the models and the (c,) base or None); `combine` folds two partial results, so the
+    result never needs a whole model in memory. The method then receives the total as its
+    `collected` keyword.
+    """
+
+    partial: Callable[[TensorContext, torch.Tensor, torch.Tensor | None], P]
+    combine: Callable[[P, P], P]
+
+
+@dataclass(frozen=True)
+class MemoryCost:
+    """A method's working set for one tensor, above the inputs' read buffers' bookkeeping:
+    `tensors(M)` times L (the largest tensor in float32 bytes) plus `chunks(M)` times C (one
+    float32 chunk), plus `statistics(M, d)` bytes when it reads per-tensor statistics of
+    width d. The formulas say the same in words for the report."""
+
+    tensors: Callable[[int], int]
+    chunks: Callable[[int], int]
+    formula: str
+    statistics: Callable[[int, int], int] | None = None
+    statistics_formula: str = ""
 
 
 @dataclass(frozen=True)

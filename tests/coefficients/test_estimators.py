@@ -11,7 +11,9 @@ import torch
 from nanmerge import Coefficients, MergeError
 from nanmerge._types import TensorStats
 from nanmerge.coefficients import (
+    RecipeFacts,
     cancellation_warning,
+    check_options,
     from_file,
     get_estimator,
     manual,
@@ -68,9 +70,60 @@ def test_from_file_missing_file_says_so(tmp_path: Path) -> None:
 
 
 def test_unknown_estimator_lists_valid_ones_and_suggests_closest() -> None:
-    with pytest.raises(MergeError, match=r"Did you mean 'uniform'\?") as info:
+    with pytest.raises(MergeError, match=r"'unifrom' \(did you mean 'uniform'\?\)") as info:
         get_estimator("unifrom")
     assert "nan" in str(info.value) and "manual" in str(info.value)
+
+
+def test_manual_reads_each_models_coefficient_and_needs_one_on_every_model() -> None:
+    spec = get_estimator("manual")
+    assert spec.reads_coefficients == "values" and "values" not in spec.signature.annotations
+    assert check_options(spec, {}, RecipeFacts(has_base=False, coefficients=(1.0, 2.0))) == []
+    problems = check_options(
+        spec, {"values": [1, 2, 3]}, RecipeFacts(has_base=False, coefficients=(1.0, None, None))
+    )
+    assert problems == [
+        "coefficients: manual reads each model's `coefficient`; remove the `values` option",
+        "estimator 'manual': needs a `coefficient` on every model; models 1, 2 have none",
+    ]
+
+
+def test_coefficients_on_models_need_an_estimator_that_reads_them() -> None:
+    (problem,) = check_options(
+        get_estimator("uniform"), {}, RecipeFacts(has_base=True, coefficients=(0.5, None))
+    )
+    assert problem == (
+        "models carry a `coefficient` but coefficients is 'uniform'; "
+        "set `coefficients: manual` to use them, or remove them"
+    )
+
+
+@pytest.mark.parametrize(("has_base", "expected"), [(True, 0), (False, 1)])
+def test_nan_of_task_vectors_needs_a_base(has_base: bool, expected: int) -> None:
+    facts = RecipeFacts(has_base=has_base, coefficients=(None, None))
+    problems = check_options(get_estimator("nan"), {"norm_of": "task_vector"}, facts)
+    assert len(problems) == expected
+    assert all("norm_of: task_vector needs a `base` model" in p for p in problems)
+    assert check_options(get_estimator("nan"), {}, facts) == []  # the default reads weights
+
+
+def test_estimator_options_report_every_problem_at_once() -> None:
+    facts = RecipeFacts(has_base=False, coefficients=(None,))
+    problems = check_options(
+        get_estimator("nan"), {"norm": "x", "granularity": "layer", "eps": -1.0}, facts
+    )
+    assert problems == [
+        "estimator 'nan': unknown option 'norm' (did you mean 'norm_of'?); "
+        "valid options: norm_of, granularity, convention, eps",
+        "estimator 'nan': option 'granularity' = 'layer' is invalid; "
+        "it must be one of 'model', 'tensor'",
+        "estimator 'nan': option 'eps' = -1.0 is invalid; it must be a finite number with x >= 0",
+    ]
+    (missing,) = check_options(get_estimator("from_file"), {}, facts)
+    assert missing == (
+        "estimator 'from_file': option 'path' is required; "
+        "it must be the path of a coefficients JSON file"
+    )
 
 
 def test_tensor_stats_are_sums_of_squares_of_weights_and_task_vectors() -> None:

@@ -11,6 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nanmerge.methods import METHODS, STATISTIC_KINDS
+from nanmerge.statistics import save_statistics
+
 # Runs in a fresh interpreter so pytest's own memory does not blur the measurement.
 # /proc/self/clear_refs resets the peak RSS (VmHWM) after imports and a warm-up merge.
 PROBE = """
@@ -33,6 +36,30 @@ print(json.dumps({"growth": status("VmHWM:") - before, "bound": report["memory"]
 """
 
 
+def _measure(tmp_path: Path, recipe: dict[str, object]) -> dict[str, int]:
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(recipe)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    measured: dict[str, int] = json.loads(run.stdout.strip().splitlines()[-1])
+    return measured
+
+
+def _family(
+    tmp_path: Path, n_tensors: int, shape: tuple[int, int], m: int
+) -> tuple[str, list[str], int]:
+    """A base and m fine-tunes on disk; their paths and the input bytes in all."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(shape, generator=gen) for i in range(n_tensors)}
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for j in range(m):
+        ft = {k: v + 0.01 * torch.randn(shape, generator=gen) for k, v in base.items()}
+        save_file(ft, tmp_path / f"ft{j}.safetensors")
+        paths.append(str(tmp_path / f"ft{j}.safetensors"))
+    return str(tmp_path / "base.safetensors"), paths, (m + 1) * n_tensors * shape[0] * shape[1] * 4
+
+
 @pytest.mark.parametrize(
     ("n_tensors", "shape", "method", "m"),
     [
@@ -44,29 +71,47 @@ print(json.dumps({"growth": status("VmHWM:") - before, "bound": report["memory"]
 def test_peak_memory_growth_stays_within_the_reported_bound(
     tmp_path: Path, n_tensors: int, shape: tuple[int, int], method: str, m: int
 ) -> None:
-    gen = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(shape, generator=gen) for i in range(n_tensors)}
-    save_file(base, tmp_path / "base.safetensors")
-    paths = []
-    for j in range(m):
-        ft = {k: v + 0.01 * torch.randn(shape, generator=gen) for k, v in base.items()}
-        save_file(ft, tmp_path / f"ft{j}.safetensors")
-        paths.append(str(tmp_path / f"ft{j}.safetensors"))
-    del base, ft
-    total_input = (m + 1) * n_tensors * shape[0] * shape[1] * 4
+    base, paths, total_input = _family(tmp_path, n_tensors, shape, m)
     recipe = {
-        "base": str(tmp_path / "base.safetensors"),
+        "base": base,
         "models": paths,
         "method": method,
         "coefficients": "nan",
         "output": str(tmp_path / "merged"),
         "max_shard_size": "20MB",
     }
-    run = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(recipe)], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
-    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    measured = _measure(tmp_path, recipe)
     assert total_input > 5 * measured["bound"]
     # allow 16 MiB for interpreter and allocator overhead beyond the stated working set
+    assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_stays_within_the_memory_cost_it_states(tmp_path: Path, method: str) -> None:
+    """The registry's memory cost of each method, statistics included, holds when measured."""
+    spec = METHODS[method]
+    m = spec.max_models or 3
+    shape = (128, 128)
+    base, paths, total_input = _family(tmp_path, 100, shape, m)
+    recipe: dict[str, object] = {
+        "base": base,
+        "models": paths,
+        "method": method,
+        "output": str(tmp_path / "merged"),
+        "max_shard_size": "20MB",
+    }
+    if spec.statistics:
+        kind = spec.statistics[0]
+        stored = STATISTIC_KINDS[kind].file_shape(shape)
+        assert stored is not None
+        x = torch.randn(2 * stored[-1], stored[-1])
+        value = x.T @ x if stored != shape else torch.rand(shape) + 0.1
+        names = [f"layers.{i}.weight" for i in range(100)]
+        recipe["statistics"] = [
+            str(save_statistics({n: value.clone() for n in names}, tmp_path / f"s{j}", kind=kind))
+            for j in range(m)
+        ]
+    measured = _measure(tmp_path, recipe)
+    assert total_input > 5 * measured["bound"]
     assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured

@@ -69,7 +69,7 @@ def test_check_params_reports_every_problem_at_once() -> None:
     assert len(problems) == 4
     text = "\n".join(problems)
     assert "unknown parameter 'desnity'" in text and "did you mean 'density'" in text
-    assert "'density' = 0.0" in text and "(0, 1]" in text
+    assert "'density' = 0.0" in text and "it must be a number with 0 < x <= 1" in text
     assert "'merge' = 'median'" in text
     assert "'scale' = inf" in text
     assert all(p.startswith("ties:") for p in problems)

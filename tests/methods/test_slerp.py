@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanmerge._types import MergeError
 from nanmerge.methods import slerp
@@ -70,3 +72,21 @@ def test_needs_exactly_two_models(m: int) -> None:
 def test_coefficients_that_cancel_are_rejected() -> None:
     with pytest.raises(MergeError, match="outside"):
         slerp(E1_E2, torch.tensor([1.0, -1.0]), t=0.5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(-100, 100, width=32), min_size=6, max_size=6),
+    st.tuples(st.floats(0.1, 10), st.floats(0.1, 10)),
+)
+def test_swapping_slerp_models_at_t_one_half_leaves_output_unchanged(
+    values: list[float], coef_values: tuple[float, float]
+) -> None:
+    tensors = torch.tensor(values).reshape(2, 3)
+    coef = torch.tensor(coef_values)
+    torch.testing.assert_close(
+        slerp(tensors.flip(0), coef.flip(0), t=0.5),
+        slerp(tensors, coef, t=0.5),
+        atol=1e-4,
+        rtol=1e-4,
+    )

@@ -4,7 +4,9 @@ from nanmerge.coefficients._diagnose import diagnose
 from nanmerge.coefficients._estimators import (
     ESTIMATORS,
     EstimatorSpec,
+    RecipeFacts,
     cancellation_warning,
+    check_options,
     from_file,
     get_estimator,
     inverse_norm_weights,
@@ -18,7 +20,9 @@ from nanmerge.coefficients._stats import model_norms, tensor_stats
 __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",
+    "RecipeFacts",
     "cancellation_warning",
+    "check_options",
     "diagnose",
     "from_file",
     "get_estimator",

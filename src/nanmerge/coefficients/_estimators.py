@@ -3,20 +3,22 @@
 Every estimator has the signature `fn(stats, models, **params) -> Coefficients`, where
 `stats` maps tensor names to `TensorStats` (possibly empty when the estimator needs none)
 and `models` names the M models. Registering an estimator also records which statistics it
-needs, so the engine knows whether a norm pass must precede the merge.
+needs, so the engine knows whether a norm pass must precede the merge. Options are the
+keyword-only parameters, each annotation carrying its constraint (`nanmerge._params`), checked
+with the estimator's own rule about the recipe (`check_options`) before any input is opened.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from nanmerge._params import Interval, Rule, Signature, did_you_mean
 from nanmerge._types import Coefficients, MergeError, TensorStats
 
 Needs = Literal["none", "model", "tensor"]
@@ -27,6 +29,14 @@ CANCELLING = 1e-3
 
 
 @dataclass(frozen=True)
+class RecipeFacts:
+    """What an estimator's check may read from the recipe besides its own options."""
+
+    has_base: bool
+    coefficients: tuple[float | None, ...]  # each model's `coefficient`, one per model
+
+
+@dataclass(frozen=True)
 class EstimatorSpec:
     """A registered estimator and a rule saying which statistics it needs for given params."""
 
@@ -34,6 +44,13 @@ class EstimatorSpec:
     fn: Estimator
     needs: Callable[[Mapping[str, Any]], Needs]
     reference: str
+    signature: Signature  # the options
+    # the keyword that receives each model's `coefficient` (not an option), if it reads them
+    reads_coefficients: str | None = None
+    # problems of the options (defaults filled in) together with the recipe
+    validate: Callable[[Mapping[str, Any], RecipeFacts], list[str]] | None = None
+    # a warning about the estimate as a whole, once every tensor's coefficients are known
+    summary: Callable[[Coefficients], str | None] | None = None
 
 
 _REGISTRY: dict[str, EstimatorSpec] = {}
@@ -41,10 +58,24 @@ ESTIMATORS: Mapping[str, EstimatorSpec] = MappingProxyType(_REGISTRY)
 
 
 def _register(
-    needs: Callable[[Mapping[str, Any]], Needs], reference: str
+    needs: Callable[[Mapping[str, Any]], Needs],
+    reference: str,
+    summary: Callable[[Coefficients], str | None] | None = None,
+    *,
+    reads_coefficients: str | None = None,
+    validate: Callable[[Mapping[str, Any], RecipeFacts], list[str]] | None = None,
 ) -> Callable[[Estimator], Estimator]:
     def wrap(fn: Estimator) -> Estimator:
-        _REGISTRY[fn.__name__] = EstimatorSpec(fn.__name__, fn, needs, reference)
+        _REGISTRY[fn.__name__] = EstimatorSpec(
+            fn.__name__,
+            fn,
+            needs,
+            reference,
+            Signature.of(fn, skip=[reads_coefficients] if reads_coefficients else []),
+            reads_coefficients=reads_coefficients,
+            validate=validate,
+            summary=summary,
+        )
         return fn
 
     return wrap
@@ -54,12 +85,33 @@ def get_estimator(name: str) -> EstimatorSpec:
     """Look an estimator up by name; an unknown name lists the valid ones and the closest."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise MergeError(
-        f"unknown coefficient estimator '{name}'; valid estimators: "
-        f"{', '.join(sorted(_REGISTRY))}.{hint}"
+        f"unknown coefficient estimator '{name}'{did_you_mean(name, _REGISTRY)}; "
+        f"valid estimators: {', '.join(sorted(_REGISTRY))}"
     )
+
+
+def check_options(spec: EstimatorSpec, options: Mapping[str, Any], facts: RecipeFacts) -> list[str]:
+    """Every problem with `options` for `spec` in a recipe with `facts`; empty when valid."""
+    problems = []
+    slot = spec.reads_coefficients
+    if slot is not None and slot in options:
+        problems.append(
+            f"coefficients: {spec.name} reads each model's `coefficient`; "
+            f"remove the `{slot}` option"
+        )
+    if slot is None and any(c is not None for c in facts.coefficients):
+        readers = " or ".join(
+            f"`coefficients: {name}`" for name, s in _REGISTRY.items() if s.reads_coefficients
+        )
+        problems.append(
+            f"models carry a `coefficient` but coefficients is '{spec.name}'; "
+            f"set {readers} to use them, or remove them"
+        )
+    rule = spec.validate
+    validate = None if rule is None else lambda values: rule(values, facts)
+    given = {k: v for k, v in options.items() if k != slot}
+    return problems + spec.signature.check(f"estimator '{spec.name}'", "option", given, validate)
 
 
 def near_uniform_warning(coefficients: Coefficients) -> str | None:
@@ -112,7 +164,19 @@ def uniform(stats: Mapping[str, TensorStats], models: Sequence[str]) -> Coeffici
     return Coefficients(tuple(models), "uniform", per_model=(1.0,) * len(models))
 
 
-@_register(lambda params: "none", "one user-given weight per model")
+def _every_model_has_a_coefficient(options: Mapping[str, Any], facts: RecipeFacts) -> list[str]:
+    missing = [str(i) for i, c in enumerate(facts.coefficients) if c is None]
+    if not missing:
+        return []
+    return [f"needs a `coefficient` on every model; models {', '.join(missing)} have none"]
+
+
+@_register(
+    lambda params: "none",
+    "one user-given weight per model",
+    reads_coefficients="values",
+    validate=_every_model_has_a_coefficient,
+)
 def manual(
     stats: Mapping[str, TensorStats], models: Sequence[str], *, values: Sequence[float]
 ) -> Coefficients:
@@ -132,7 +196,10 @@ def manual(
 
 @_register(lambda params: "none", "coefficients JSON written by `nanmerge coefficients --json`")
 def from_file(
-    stats: Mapping[str, TensorStats], models: Sequence[str], *, path: str
+    stats: Mapping[str, TensorStats],
+    models: Sequence[str],
+    *,
+    path: Annotated[str, Rule(bool, "the path of a coefficients JSON file")],
 ) -> Coefficients:
     """Coefficients saved by an earlier run or another estimator (e.g. a learned one)."""
     file = Path(path)
@@ -191,9 +258,17 @@ def inverse_norm_weights(
     return tuple(scale * v / total for v in inverse), zero
 
 
+def _task_vectors_have_a_base(options: Mapping[str, Any], facts: RecipeFacts) -> list[str]:
+    if options["norm_of"] == "task_vector" and not facts.has_base:
+        return ["norm_of: task_vector needs a `base` model"]
+    return []
+
+
 @_register(
     lambda params: "tensor" if params.get("granularity") == "tensor" else "model",
     "NAN, Si et al. 2025, https://arxiv.org/abs/2505.16148",
+    summary=near_uniform_warning,
+    validate=_task_vectors_have_a_base,
 )
 def nan(
     stats: Mapping[str, TensorStats],
@@ -202,7 +277,7 @@ def nan(
     norm_of: NormOf = "finetuned",
     granularity: Granularity = "model",
     convention: Convention = "mean_one",
-    eps: float = 1e-8,
+    eps: Annotated[float, Interval(ge=0, lt=math.inf)] = 1e-8,
 ) -> Coefficients:
     """Norm-aware coefficients: a_i = (1/||x_i||) / sum_j (1/||x_j||), x = theta or tau.
 

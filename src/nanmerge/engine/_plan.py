@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from nanmerge._types import Checkpoint, MergeError, TensorMeta
+from nanmerge._types import Checkpoint, MergeError, TensorContext, TensorMeta
 from nanmerge.coefficients import EstimatorSpec
 from nanmerge.config import Recipe
+from nanmerge.engine._context import config_layers, tensor_contexts
 from nanmerge.engine._recipe import (
     check_shard_size,
     fail,
@@ -55,12 +56,13 @@ class Plan:
     copy_files_from: Path | None = None  # the recipe's, else the first input folder
     statistics: Statistics | None = None
     protected: list[Protected] = field(default_factory=list)
+    contexts: Mapping[str, TensorContext] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def divides_by_coefficient_sum(self) -> bool:
         """Whether the method averages, w_i = coef_i / sum(coef) (README, "Coefficients")."""
-        return self.method.name == "weight_average" or self.params.get("merge") == "mean"
+        return self.method.averages(self.params)
 
     @property
     def reference(self) -> Checkpoint:
@@ -303,4 +305,8 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         protected=protected,
         statistics=statistics,
         warnings=_repeated_inputs(recipe, base, models),
+        contexts=tensor_contexts(
+            [name for name, _ in entries],
+            configured_layers=config_layers(_side_file_folder(opened)),
+        ),
     )

@@ -6,15 +6,10 @@ second; `plan` runs them again with the input checks to list every problem at on
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import ConfigDict, ValidationError, create_model
-
 from nanmerge._types import MergeError
-from nanmerge.coefficients import get_estimator
+from nanmerge.coefficients import RecipeFacts, check_options, get_estimator
 from nanmerge.config import Recipe
 from nanmerge.io import parse_size
 from nanmerge.methods import check_params, count_problem, get_method
@@ -26,33 +21,6 @@ def fail(problems: list[str]) -> None:
         raise MergeError(f"the recipe cannot be merged ({len(problems)} problem(s)):\n{listed}")
 
 
-def bind_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str) -> list[str]:
-    """Check options against the keyword-only parameters of `fn`: names and types, all at once."""
-    hints = inspect.get_annotations(fn, eval_str=True)
-    fields: dict[str, Any] = {
-        name: (hints.get(name, Any), p.default if p.default is not p.empty else ...)
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is p.KEYWORD_ONLY
-    }
-    problems = []
-    for key in options:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            valid = ", ".join(fields) or "none"
-            problems.append(f"{what}: unknown option '{key}'{hint}; valid options: {valid}")
-    known = {k: v for k, v in options.items() if k in fields}
-    model = create_model(f"{what}_options", __config__=ConfigDict(strict=False), **fields)
-    try:
-        model.model_validate(known)
-    except ValidationError as exc:
-        for err in exc.errors():
-            if err["type"] == "missing" and err["loc"][0] not in known:
-                continue
-            problems.append(f"{what}: option '{err['loc'][0]}': {err['msg']}")
-    return problems
-
-
 def resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, Any]]:
     try:
         spec = get_estimator(recipe.coefficients.estimator)
@@ -60,27 +28,13 @@ def resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[st
         problems.append(str(exc))
         return None, {}
     options = recipe.coefficients.options
-    if spec.name == "manual":
-        if "values" in options:
-            problems.append(
-                "coefficients: manual reads each model's `coefficient`; remove the `values` option"
-            )
-        missing = [str(i) for i, m in enumerate(recipe.models) if m.coefficient is None]
-        if missing:
-            problems.append(
-                f"coefficients: manual needs a `coefficient` on every model; models "
-                f"{', '.join(missing)} have none"
-            )
-        options = {"values": [m.coefficient for m in recipe.models], **options}
-    elif any(m.coefficient is not None for m in recipe.models):
-        problems.append(
-            f"models carry a `coefficient` but coefficients is '{spec.name}'; "
-            "set `coefficients: manual` to use them, or remove them"
-        )
-    fn_options = {k: v for k, v in options.items() if k != "values" or spec.name != "manual"}
-    problems += bind_options(spec.fn, fn_options, f"estimator '{spec.name}'")
-    if spec.name == "nan" and options.get("norm_of") == "task_vector" and recipe.base is None:
-        problems.append("coefficients: nan with norm_of: task_vector needs a `base` model")
+    facts = RecipeFacts(
+        has_base=recipe.base is not None,
+        coefficients=tuple(m.coefficient for m in recipe.models),
+    )
+    problems += check_options(spec, options, facts)
+    if spec.reads_coefficients is not None:
+        options = {spec.reads_coefficients: list(facts.coefficients), **options}
     return spec, options
 
 

@@ -21,11 +21,11 @@ import yaml
 
 from nanmerge._types import Coefficients, TensorStats
 from nanmerge._version import __version__
-from nanmerge.coefficients import cancellation_warning, model_norms, near_uniform_warning
+from nanmerge.coefficients import cancellation_warning, model_norms
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._copied import copied_tensor_warning
 from nanmerge.engine._plan import Plan, plan
-from nanmerge.engine._stream import CHUNK, merge_stream, norm_pass
+from nanmerge.engine._stream import CHUNK, Collected, collect_pass, merge_stream
 from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
 
 RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
@@ -37,8 +37,8 @@ def _finish(p: Plan, coefficients: Coefficients, stats: Mapping[str, TensorStats
     condensing never drops them) and those about the numbers; condense repeated warnings."""
     coefficients.norms = model_norms(stats.values())
     checks = [copied_tensor_warning(p)]
-    if coefficients.per_tensor and coefficients.estimator == "nan":
-        checks.append(near_uniform_warning(coefficients))
+    if coefficients.per_tensor and p.estimator.summary is not None:
+        checks.append(p.estimator.summary(coefficients))
     if p.divides_by_coefficient_sum:
         checks.append(cancellation_warning(coefficients))
     found = [w for w in checks if w]
@@ -50,19 +50,21 @@ def _finish(p: Plan, coefficients: Coefficients, stats: Mapping[str, TensorStats
     return coefficients
 
 
-def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, dict[str, Any]]:
-    """Coefficients known before the merge: a norm pass first when the estimator needs one."""
+def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, Collected]:
+    """Coefficients known before the merge, after the one pass that gathers what the
+    estimator (model-level statistics) and the method (its `collect`) need, if either does."""
     needs = p.estimator.needs(p.estimator_options)
-    stats: dict[str, TensorStats] = {}
-    if needs == "model":
-        stats = norm_pass(p, progress=progress)
+    collected = Collected({})
+    if needs == "model" or p.method.collect is not None:
+        collected = collect_pass(p, progress=progress)
     if needs == "tensor":
         coefficients = Coefficients(p.model_names, p.estimator.name)
         probe = p.estimator.fn({}, p.model_names, **p.estimator_options)
         coefficients.params = probe.params
     else:
+        stats = collected.stats if needs == "model" else {}
         coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
-    return coefficients, {"norm_pass": needs == "model"}
+    return coefficients, collected
 
 
 def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coefficients:
@@ -72,7 +74,7 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
     """
     p = plan(load_recipe(recipe), for_output=False)
     try:
-        stats = norm_pass(p, progress=progress)
+        stats = collect_pass(p, progress=progress).stats
         coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
         return _finish(p, coefficients, stats)
     finally:
@@ -82,37 +84,28 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
 def memory_bound(p: Plan) -> dict[str, Any]:
     """Upper estimate of the merge's working set above the interpreter, stated in the report.
 
-    L is the largest tensor in float32 bytes. Elementwise methods (task arithmetic, weight
-    averaging, TIES, DARE, breadcrumbs) hold per tensor the M + 1 tensors as read, the merged
-    tensor, and for trimming, when a cut's sample misleads, one model's magnitudes and the
-    selection's copy: (M + 4) L, plus the chunk buffers, (6M + 4) float32 chunks of at most
-    CHUNK entries (the streamed cuts' pieces among them). The read buffers are kept for
-    reuse, `threads + 1` sets of M + 1, within the same allowance.
-    Other methods merge the whole float32 stack: the M float32 copies, the float32 base and
-    one raw read buffer (M + 2), plus the method's workspace (at most 6M + 2): (7M + 4) L.
-    Each loader thread may hold one more such working set; with threads > 0 the writer
-    thread also holds up to two merged tensors (2 L at most), within that allowance. RegMean
-    adds its Grams (`gram_bound`) on the merging thread. The writer buffers no shard: each
-    tensor goes to disk as it is merged. Measured growth: docs/PERFORMANCE.md.
+    The method states its working set for one tensor (`MethodSpec.memory`) in units of L, the
+    largest tensor in float32 bytes, and C, one float32 chunk; the read buffers kept for
+    reuse, `threads + 1` sets of M + 1, fit that allowance. Each loader thread may hold one
+    more such working set; with threads > 0 the writer thread also holds up to two merged
+    tensors (2 L at most), within that allowance. Per-tensor statistics (RegMean's Grams)
+    are held on the merging thread only. The writer buffers no shard: each tensor goes to
+    disk as it is merged. Measured growth: docs/PERFORMANCE.md.
     """
-    m = len(p.models)
+    cost, m = p.method.memory, len(p.models)
     largest_name, largest = max(p.entries, key=lambda e: e[1].numel)
     unit = largest.numel * 4
-    if p.method.elementwise:
-        chunk = 4 * min(CHUNK, largest.numel)
-        per_thread = (m + 4) * unit + (6 * m + 4) * chunk
-        formula = "(threads + 1) * ((M + 4) * L + (6M + 4) * C)"
-    else:
-        per_thread = (7 * m + 4) * unit
-        formula = "(threads + 1) * (7M + 4) * L"
-    grams = gram_bound(p)
-    if grams:
-        formula += " + (11M + 12) * 4 d^2 for regmean's Grams"
+    chunks = cost.chunks(m)
+    per_thread = cost.tensors(m) * unit + chunks * 4 * min(CHUNK, largest.numel)
+    formula = f"(threads + 1) * ({cost.formula})"
+    extra = statistics_bound(p)
+    if extra:
+        formula += f" + {cost.statistics_formula}"
     return {
-        "bound_bytes": (p.recipe.threads + 1) * per_thread + grams,
+        "bound_bytes": (p.recipe.threads + 1) * per_thread + extra,
         "formula": formula
         + "; L = largest tensor in float32 bytes"
-        + (f", C = {4 * CHUNK} bytes (a float32 chunk)" if p.method.elementwise else ""),
+        + (f", C = {4 * CHUNK} bytes (a float32 chunk)" if chunks else ""),
         "largest_tensor": largest_name,
         "largest_tensor_float32_bytes": unit,
         "models": m,
@@ -120,19 +113,13 @@ def memory_bound(p: Plan) -> dict[str, Any]:
     }
 
 
-def gram_bound(p: Plan) -> int:
-    """Bytes regmean adds to the bound: one tensor's Grams at a time, on the merging thread.
-
-    For the widest weight with a Gram (d inputs), D = 4 d^2: the stacked float32 Grams,
-    their float64 copy, its diagonal and the two shrinkage temporaries with their sum peak
-    at 11 M D; the solve adds at most 12 D (measured: 10.1-10.9 M D above the inputs for
-    M = 1, 3, 6). Fisher fits the method workspace and needs no term.
-    """
-    s = p.statistics
-    if s is None or s.kind != "gram" or not s.names:
+def statistics_bound(p: Plan) -> int:
+    """Bytes the method's per-tensor statistics add, for the widest one (d inputs)."""
+    s, cost = p.statistics, p.method.memory.statistics
+    if s is None or cost is None or not s.names:
         return 0
     d = max(s.shapes[n][-1] if len(s.shapes[n]) == 2 else 1 for n in s.names)
-    return (11 * len(p.models) + 12) * 4 * d * d
+    return cost(len(p.models), d)
 
 
 def _versions() -> dict[str, str]:
@@ -246,14 +233,16 @@ def merge(
     p = plan(r)
     try:
         start = time.perf_counter()
-        coefficients, extra = _initial_coefficients(p, progress=progress)
-        timings = {"norm_pass": time.perf_counter() - start}
+        coefficients, collected = _initial_coefficients(p, progress=progress)
+        timings = {"statistics_pass": time.perf_counter() - start}
         if r.output is None:
             state: dict[str, torch.Tensor] = {}
-            merge_stream(p, coefficients, state.__setitem__, progress=progress)
+            merge_stream(
+                p, coefficients, state.__setitem__, progress=progress, collected=collected.method
+            )
             return state
         with _signals_end_like_ctrl_c():
-            return _write(p, coefficients, timings, extra, progress=progress)
+            return _write(p, coefficients, timings, collected, progress=progress)
     finally:
         p.close()
 
@@ -262,7 +251,7 @@ def _write(
     p: Plan,
     coefficients: Coefficients,
     timings: dict[str, float],
-    extra: dict[str, Any],
+    collected: Collected,
     *,
     progress: bool,
 ) -> dict[str, Any]:
@@ -293,10 +282,12 @@ def _write(
     )
     with writer:
         start = time.perf_counter()
-        stats = merge_stream(p, coefficients, writer.write, progress=progress)
+        stats = merge_stream(
+            p, coefficients, writer.write, progress=progress, collected=collected.method
+        )
         timings["merge"] = time.perf_counter() - start
         _finish(p, coefficients, stats)
-        report = _report(p, coefficients, timings, extra)
+        report = _report(p, coefficients, timings, {"statistics_pass": collected.ran})
         report["output"] = {
             "path": str(r.output),
             "weight_files": list(writer.shard_names),

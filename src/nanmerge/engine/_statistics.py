@@ -15,17 +15,17 @@ models.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from nanmerge._types import TensorMeta
+from nanmerge._types import MergeError, TensorMeta
 from nanmerge.config import Recipe
-from nanmerge.methods import MethodSpec
+from nanmerge.io import SafetensorsFile
+from nanmerge.methods import STATISTIC_KINDS, MethodSpec
 
 _MAX_LISTED = 8
 
@@ -36,8 +36,10 @@ class Statistics:
 
     kind: str
     paths: list[Path]
-    handles: list[Any]
-    files: ExitStack  # closes the handles: each keeps its file mapped until closed
+    # read with pread into fresh memory, as the models are: a memory map's touched pages
+    # would stay in the process's resident memory, outside the stated bound
+    handles: list[SafetensorsFile]
+    files: ExitStack  # closes the handles
     device: torch.device
     shapes: dict[str, tuple[int, ...]]
     names: set[str] = field(default_factory=set)
@@ -48,11 +50,11 @@ class Statistics:
     def inputs(self, name: str) -> dict[str, torch.Tensor]:
         """The method's keyword inputs for tensor `name`: {kind: (M, ...) float32} or none."""
         if name in self.names:
-            stats = [h.get_tensor(name) for h in self.handles]
+            stats = [h[name] for h in self.handles]
             return {self.kind: torch.stack(stats).to(device=self.device, dtype=torch.float32)}
-        if self.kind == "fisher":
+        if STATISTIC_KINDS[self.kind].fill_missing:
             shape = (len(self.handles), *self.shapes[name])
-            return {"fisher": torch.zeros(shape, dtype=torch.float32, device=self.device)}
+            return {self.kind: torch.zeros(shape, dtype=torch.float32, device=self.device)}
         return {}
 
     def summary(self) -> dict[str, Any]:
@@ -61,14 +63,6 @@ class Statistics:
             "files": [str(p) for p in self.paths],
             "tensors": len(self.names),
         }
-
-
-def _expected_shape(kind: str, meta: TensorMeta) -> tuple[int, ...] | None:
-    if kind == "fisher":
-        return meta.shape
-    if len(meta.shape) == 1:  # a bias: the input count, as the Gram of a constant input
-        return (1, 1)
-    return (meta.shape[1], meta.shape[1]) if len(meta.shape) == 2 else None
 
 
 def open_statistics(
@@ -108,11 +102,11 @@ def open_statistics(
     files = ExitStack()
     for path in paths:
         try:
-            handle = files.enter_context(safe_open(str(path), "pt", device="cpu"))
-        except (OSError, SafetensorError) as exc:
+            handle = files.enter_context(closing(SafetensorsFile(path)))
+        except (OSError, MergeError) as exc:
             problems.append(f"statistics file {path} cannot be read as safetensors ({exc})")
             continue
-        marked = (handle.metadata() or {}).get("kind")
+        marked = handle.metadata.get("kind")
         if marked is not None and marked != kind:
             problems.append(
                 f"statistics file {path} holds '{marked}' statistics; method "
@@ -134,9 +128,9 @@ def open_statistics(
         )
     wrong = []
     for name in sorted(covered - set(partial)):
-        want = _expected_shape(kind, metas[name])
+        want = STATISTIC_KINDS[kind].file_shape(metas[name].shape)
         for path, handle in zip(paths, handles, strict=True):
-            got = tuple(handle.get_slice(name).get_shape())
+            got = tuple(handle.meta(name).shape)
             if got != want:
                 wanted = (
                     f"{want}" if want else f"a weight (out, in) or a bias, not {metas[name].shape}"

@@ -7,7 +7,6 @@ previous one (torch and file I/O release the GIL). Output order never changes.
 
 from __future__ import annotations
 
-import inspect
 import math
 import queue
 import threading
@@ -324,16 +323,35 @@ def _to_cpu(sink: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.T
     return lambda name, tensor: sink(name, tensor.to("cpu"))
 
 
-def norm_pass(plan: Plan, *, progress: bool) -> dict[str, TensorStats]:
-    """Read every floating tensor once to collect the statistics of model-level estimators."""
+@dataclass
+class Collected:
+    """What the pass before the merge gathered: every merged tensor's statistics (what
+    model-level estimators read) and the method's declared whole-model statistic."""
+
+    stats: dict[str, TensorStats]
+    method: object = None
+    ran: bool = False
+
+
+def collect_pass(plan: Plan, *, progress: bool) -> Collected:
+    """Read every floating tensor once, chunk by chunk, for everything gathered before the
+    merge: the statistics (which double as the inputs' finiteness check) and the method's
+    `collect`, folded chunk after chunk so no whole model is ever held."""
     names = [n for n, _ in plan.entries if n in plan.merged]
-    stats: dict[str, TensorStats] = {}
-    bar = tqdm(total=len(names), desc="norms", unit="tensor", disable=not progress)
+    collect = plan.method.collect
+    out = Collected({}, ran=True)
+    bar = tqdm(total=len(names), desc="statistics", unit="tensor", disable=not progress)
     for item in _loads(plan, names, reuse=True):
-        stats[item.name] = checked_stats(plan, item)
+        parts = []
+        for _, stack, base in _chunks(item):
+            parts.append(tensor_stats(stack, base))
+            if collect is not None:
+                part = collect.partial(plan.contexts[item.name], stack, base)
+                out.method = part if out.method is None else collect.combine(out.method, part)
+        out.stats[item.name] = checked_stats(plan, item, parts)
         bar.update()
     bar.close()
-    return stats
+    return out
 
 
 def merge_stream(
@@ -342,15 +360,17 @@ def merge_stream(
     sink: Callable[[str, torch.Tensor], None],
     *,
     progress: bool,
+    collected: object = None,
 ) -> dict[str, TensorStats]:
     """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
-    estimators are evaluated on the way.
+    estimators are evaluated on the way. `collected` is the method's whole-model statistic
+    from `collect_pass`, when it declares one.
 
     Returns the statistics of every merged tensor (for the report's norms). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
     """
+    spec = plan.method
     per_tensor = plan.estimator.needs(plan.estimator_options) == "tensor"
-    wants_generator = "generator" in inspect.signature(plan.method.fn).parameters
     out_meta = dict(plan.entries)
     stats: dict[str, TensorStats] = {}
 
@@ -359,8 +379,12 @@ def merge_stream(
             assert item.raw is not None
             return item.raw
         inputs: dict[str, object] = {}
-        if wants_generator:
+        if spec.uses_generator:
             inputs["generator"] = tensor_generator(plan.recipe.seed, item.name)
+        if spec.uses_context:
+            inputs["context"] = plan.contexts[item.name]
+        if spec.collect is not None:
+            inputs["collected"] = collected
         if plan.statistics is not None:
             inputs |= plan.statistics.inputs(item.name)
         dtype, device = out_meta[item.name].dtype, item.models[0].device

@@ -10,7 +10,6 @@ from nanmerge.methods._data_informed import fisher, regmean
 from nanmerge.methods._linear import weight_average
 from nanmerge.methods._registry import (
     METHODS,
-    STATISTICS,
     MethodSpec,
     check_params,
     count_problem,
@@ -19,6 +18,7 @@ from nanmerge.methods._registry import (
 )
 from nanmerge.methods._slerp import slerp
 from nanmerge.methods._sparsify import tensor_generator
+from nanmerge.methods._statistic_kinds import STATISTIC_KINDS, STATISTICS, StatisticKind
 from nanmerge.methods._task_arithmetic import (
     breadcrumbs,
     dare_linear,
@@ -30,7 +30,9 @@ from nanmerge.methods._task_arithmetic import (
 __all__ = [
     "METHODS",
     "STATISTICS",
+    "STATISTIC_KINDS",
     "MethodSpec",
+    "StatisticKind",
     "breadcrumbs",
     "check_params",
     "count_problem",

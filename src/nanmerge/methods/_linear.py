@@ -11,7 +11,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
     import torch
 
 
-@register(reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True)
+@register(
+    reference="https://arxiv.org/abs/2203.05482",
+    needs_base=False,
+    elementwise=True,
+    averages=lambda params: True,
+)
 def weight_average(
     tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
 ) -> torch.Tensor:

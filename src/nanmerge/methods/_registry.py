@@ -1,21 +1,23 @@
 """The method registry: one entry per merge function, keyed by the function's name.
 
-Parameter ranges live in one table keyed by parameter name, so `density` means the same
-thing (and is checked the same way) in every method that takes it.
+Hyperparameters are checked from the function's signature: each annotation carries its
+constraint (`nanmerge._params`), the shared types below make `density` mean the same thing in
+every method that takes it, and `validate` adds a rule that ties parameters together.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
-from nanmerge._types import MergeError
+from nanmerge._params import Finite, Interval, Signature, Validator, did_you_mean
+from nanmerge._types import Collect, MemoryCost, MergeError
+from nanmerge.methods._statistic_kinds import STATISTICS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
@@ -24,10 +26,27 @@ F = TypeVar("F", bound="Callable[..., torch.Tensor]")
 
 # Keyword arguments that are inputs rather than hyperparameters (`bands` and `offset` carry
 # a chunked merge's per-tensor preparation and the chunk's position).
-_INPUTS = ("base", "generator", "bands", "offset")
-# Per-tensor statistics a data-informed method reads (stacked (M, ...), one per model); the
-# engine looks them up by tensor name in the recipe's `statistics` files.
-STATISTICS = ("fisher", "gram")
+_INPUTS = ("base", "generator", "bands", "offset", "context", "collected")
+# Per-tensor statistics a data-informed method reads (stacked (M, ...), one per model) come
+# from the kinds in `STATISTICS`; the engine looks them up by tensor name in the recipe's
+# `statistics` files.
+
+# Hyperparameter types shared by name: each means the same, and is checked the same way,
+# in every method that takes it.
+Density = Annotated[float, Interval(gt=0, le=1)]  # the fraction of entries kept
+Gamma = Annotated[float, Interval(ge=0, lt=1)]  # the fraction of largest entries dropped
+Scale = Annotated[float, Finite]
+Fraction = Annotated[float, Interval(ge=0, le=1)]  # slerp's t, regmean's alpha
+Floor = Annotated[float, Interval(ge=0, lt=math.inf)]  # a finite eps added to a denominator
+
+
+# The working sets of the two ways the engine runs a method (measured: docs/PERFORMANCE.md).
+# Chunked: the M + 1 tensors as read, the merged tensor and, for trimming when a cut's
+# sample misleads, one model's magnitudes and the selection's copy, plus the chunk buffers
+# (the streamed cuts' pieces among them). Whole stack: the M float32 copies, the float32
+# base and one raw read buffer, plus the method's workspace (at most 6M + 2).
+ELEMENTWISE = MemoryCost(lambda m: m + 4, lambda m: 6 * m + 4, "(M + 4) * L + (6M + 4) * C")
+WHOLE_STACK = MemoryCost(lambda m: 7 * m + 4, lambda m: 0, "(7M + 4) * L")
 
 
 @dataclass(frozen=True)
@@ -41,13 +60,24 @@ class MethodSpec:
     min_models: int
     max_models: int | None
     params: dict[str, object]
+    signature: Signature
     uses_generator: bool = False
     statistics: tuple[str, ...] = ()
+    # A rule that ties hyperparameters together, checked after each one's own constraint.
+    validate: Validator | None = None
     # Elementwise methods can be merged chunk by chunk of the flattened tensor. `prepare`,
     # when set, computes from the whole tensors (models as read, base) the keyword inputs
     # that make the method elementwise, and the method then takes each chunk's `offset`.
     elementwise: bool = False
     prepare: Callable[..., dict[str, Any]] | None = None
+    # A method that declares a `context` keyword receives each tensor's TensorContext (so
+    # does its `prepare`); one with `collect` receives the whole model's total as `collected`.
+    uses_context: bool = False
+    collect: Collect[Any] | None = None
+    memory: MemoryCost = WHOLE_STACK
+    # Whether, with these parameters, the method divides by the sum of the coefficients
+    # (w_i = coef_i / sum(coef)), where nearly cancelling coefficients blow the weights up.
+    averages: Callable[[Mapping[str, Any]], bool] = lambda params: False
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -62,24 +92,26 @@ def register(
     max_models: int | None = None,
     elementwise: bool = False,
     prepare: Callable[..., dict[str, Any]] | None = None,
+    validate: Validator | None = None,
+    collect: Collect[Any] | None = None,
+    memory: MemoryCost | None = None,
+    averages: Callable[[Mapping[str, Any]], bool] = lambda params: False,
 ) -> Callable[[F], F]:
     """Register a merge function under its own name.
 
     The registered function checks its inputs (model count, shapes, base) and its
     hyperparameters before running, so direct calls fail as clearly as recipe runs do.
+    `averages` says, given the parameters, whether the method divides by the coefficients'
+    sum. `collect` declares a whole-model statistic, which the engine gathers in its one pass
+    before the merge and hands over as `collected`; `memory` states the working set where
+    it differs from the engine's for chunked (elementwise) or whole-stack methods.
     """
 
     def decorate(fn: F) -> F:
         if fn.__name__ in _METHODS:
             raise ValueError(f"merge method '{fn.__name__}' is registered twice")
         signature = inspect.signature(fn)
-        params = {
-            p.name: p.default
-            for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-            and p.name not in _INPUTS
-            and p.name not in STATISTICS
-        }
+        declared = Signature.of(fn, skip=_INPUTS + STATISTICS)
 
         @functools.wraps(fn)
         def checked(tensors: torch.Tensor, coef: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -97,11 +129,17 @@ def register(
             needs_base=needs_base,
             min_models=min_models,
             max_models=max_models,
-            params=params,
+            params=declared.defaults,
+            signature=declared,
+            validate=validate,
             uses_generator="generator" in signature.parameters,
             statistics=tuple(n for n in signature.parameters if n in STATISTICS),
             elementwise=elementwise,
             prepare=prepare,
+            uses_context="context" in signature.parameters,
+            collect=collect,
+            memory=memory or (ELEMENTWISE if elementwise else WHOLE_STACK),
+            averages=averages,
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)
@@ -165,87 +203,11 @@ def get_method(name: str) -> MethodSpec:
         return _METHODS[name]
     except KeyError:
         raise MergeError(
-            f"unknown merge method '{name}'{_suggestion(name, _METHODS)}; "
+            f"unknown merge method '{name}'{did_you_mean(name, _METHODS)}; "
             f"valid methods: {', '.join(sorted(_METHODS))}"
         ) from None
 
 
-def _suggestion(name: str, valid: Mapping[str, object]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _finite(value: object) -> float | None:
-    """The value as a float when it is a finite real number (bools are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _between(value: object, low: float, high: float, *, open_low: bool, open_high: bool) -> bool:
-    x = _finite(value)
-    if x is None:
-        return False
-    above = x > low if open_low else x >= low
-    below = x < high if open_high else x <= high
-    return above and below
-
-
-# One range per parameter name, shared by every method that takes it.
-_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "density": (
-        "a number in (0, 1]",
-        lambda v: _between(v, 0, 1, open_low=True, open_high=False),
-    ),
-    "gamma": (
-        "a number in [0, 1)",
-        lambda v: _between(v, 0, 1, open_low=False, open_high=True),
-    ),
-    "t": (
-        "a number in [0, 1]",
-        lambda v: _between(v, 0, 1, open_low=False, open_high=False),
-    ),
-    "scale": ("a finite number", lambda v: _finite(v) is not None),
-    "merge": ("one of 'mean', 'sum'", lambda v: v in ("mean", "sum")),
-    "alpha": (
-        "a number in [0, 1]",
-        lambda v: _between(v, 0, 1, open_low=False, open_high=False),
-    ),
-    "eps": ("a number >= 0", lambda v: _between(v, 0, math.inf, open_low=False, open_high=True)),
-    "fallback": (
-        "the name of a registered method that needs no statistics and no random generator",
-        lambda v: (
-            isinstance(v, str)
-            and v in _METHODS
-            and not _METHODS[v].statistics
-            and not _METHODS[v].uses_generator
-        ),
-    ),
-}
-
-
 def check_params(spec: MethodSpec, params: Mapping[str, object]) -> list[str]:
     """Every problem with `params` for `spec`, as messages; an empty list means valid."""
-    problems = []
-    for name, value in params.items():
-        if name not in spec.params:
-            problems.append(
-                f"{spec.name}: unknown parameter '{name}'{_suggestion(name, spec.params)}; "
-                f"valid parameters: {', '.join(spec.params) or 'none'}"
-            )
-        elif name in _RULES and not _RULES[name][1](value):
-            problems.append(
-                f"{spec.name}: parameter '{name}' = {value!r} is invalid; "
-                f"it must be {_RULES[name][0]}"
-            )
-    if "gamma" in spec.params and "density" in spec.params:
-        gamma = params.get("gamma", spec.params["gamma"])
-        density = params.get("density", spec.params["density"])
-        valid = _RULES["gamma"][1](gamma) and _RULES["density"][1](density)
-        if valid and cast(float, gamma) + cast(float, density) > 1 + 1e-9:
-            problems.append(
-                f"{spec.name}: parameters gamma = {gamma!r} and density = {density!r} sum to "
-                f"{cast(float, gamma) + cast(float, density):g}; gamma + density must be <= 1 "
-                f"(the dropped top fraction and the kept fraction cannot exceed the tensor)"
-            )
-    return problems
+    return spec.signature.check(spec.name, "parameter", params, spec.validate)

@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from nanmerge._types import MergeError
-from nanmerge.methods._registry import register
+from nanmerge.methods._registry import Fraction, register
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
@@ -27,7 +27,7 @@ def slerp(
     coef: torch.Tensor,
     *,
     base: torch.Tensor | None = None,
-    t: float = 0.5,
+    t: Fraction = 0.5,
 ) -> torch.Tensor:
     """Interpolate along the arc from model 0 (t=0) to model 1 (t=1), per flattened tensor.
 

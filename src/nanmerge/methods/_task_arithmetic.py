@@ -1,18 +1,20 @@
-"""Task-vector methods: one parameterised function and its published presets.
+"""Task-vector methods: a table of steps, and the published methods as its rows.
 
-tau_i = tensors[i] - base; every preset computes base + scale * combine(coef_i * tau_i),
-differing only in how tau_i is sparsified, whether signs are elected, and how the kept
-entries are combined. The presets are data passed to one function, not copies of it.
+tau_i = tensors[i] - base; every method computes base + scale * combine(sparsify(tau)),
+differing only in its steps: how each tau_i is sparsified (kept whole, trimmed to a band of
+magnitudes, or dropped at random) and how the kept entries are combined (a weighted sum or
+mean, or TIES' sign election first). A new variant is a new row, or a new step beside these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from nanmerge.methods._registry import register
+from nanmerge.methods._registry import Density, Gamma, Scale, register
 from nanmerge.methods._sparsify import (
     KEEP_ALL,
     KEEP_NONE,
@@ -32,71 +34,123 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
 # Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
 PIECE = 1 << 19
 
-Sparsify = Literal["magnitude", "random", "breadcrumbs"] | None
 Merge = Literal["mean", "sum"]
+# sparsify(task_vectors, coef, **params) -> the per-model weights of the kept entries; it
+# updates the (M, *shape) task vectors in place.
+Sparsify = Callable[..., "torch.Tensor"]
+# combine(task_vectors, weights, coef, merge) -> the merged update, before scale and base.
+Combine = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", Merge], "torch.Tensor"]
 
 
-def _generalized_task_arithmetic(
-    tensors: torch.Tensor,
+def keep_all(task_vectors: torch.Tensor, coef: torch.Tensor, **_: object) -> torch.Tensor:
+    """No sparsification: every entry is kept, weighted by its coefficient."""
+    return coef
+
+
+def trim(
+    task_vectors: torch.Tensor,
     coef: torch.Tensor,
     *,
-    base: torch.Tensor,
-    scale: float,
-    sparsify: Sparsify = None,
-    density: float = 1.0,
+    density: float,
     gamma: float = 0.0,
-    consensus: bool = False,
-    merge: Merge = "sum",
-    generator: np.random.Generator | None = None,
     bands: Sequence[Band] | None = None,
     offset: int = 0,
+    **_: object,
 ) -> torch.Tensor:
-    """base + scale * merge_i(coef_i * sparsify(tau_i)), optionally keeping elected signs only.
+    """Keep each model's band of magnitudes: the top round(gamma n) dropped, the next
+    max(1, round(density n)) kept; `bands` found over the whole tensor make it elementwise."""
+    flat = task_vectors.view(task_vectors.shape[0], -1)
+    for i, row in enumerate(flat):
+        magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
+        band = band_of(magnitudes, density=density, gamma=gamma) if bands is None else bands[i]
+        row.mul_(band.mask(magnitudes, offset))
+    return coef
 
-    Sign election: sign(sum_i coef_i * tau_i) per entry; an entry of model i is kept when
-    coef_i * tau_i has that sign, so zeros (and entries whose elected sum is exactly zero)
-    contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
-    that is 0); "sum" does not divide.
 
-    Every step is elementwise once each model's magnitude band is known, so a chunk of a
-    tensor (flat entries offset, offset + 1, ...) is merged alone when `bands` come from
-    `task_vector_bands` over the whole tensor.
-    """
+def drop(
+    task_vectors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    density: float,
+    generator: np.random.Generator | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 - density; the kept ones are rescaled by
+    1 / p, folded into the weights, so it costs no pass."""
+    task_vectors.mul_(random_mask(task_vectors.shape, density, generator, task_vectors.device))
+    return coef / keep_probability(density)
+
+
+def weighted_sum(
+    task_vectors: torch.Tensor, weights: torch.Tensor, coef: torch.Tensor, merge: Merge
+) -> torch.Tensor:
+    """sum_i weights_i tau_i; merge="mean" divides by sum_i coef_i (0 where that is 0)."""
     import torch
 
-    # `task_vectors` is this function's own buffer: later steps update it in place (the same
-    # values as out-of-place ops, without a fresh (M, *shape) allocation per step).
-    task_vectors = tensors - base
-    flat = task_vectors.view(tensors.shape[0], -1)
-    if sparsify in ("magnitude", "breadcrumbs"):
-        drop = gamma if sparsify == "breadcrumbs" else 0.0
-        for i, row in enumerate(flat):
-            magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
-            band = band_of(magnitudes, density=density, gamma=drop) if bands is None else bands[i]
-            row.mul_(band.mask(magnitudes, offset))
-    # DARE rescales kept entries by 1 / p; folded into the weights, it costs no pass
-    rescaled = coef
-    if sparsify == "random":
-        task_vectors.mul_(random_mask(task_vectors.shape, density, generator, tensors.device))
-        rescaled = coef / keep_probability(density)
-    if not consensus:
-        # a weighted sum over models is one matrix-vector product
-        merged = torch.mv(flat.t(), rescaled).view(tensors.shape[1:])
-        total = float(coef.sum())
-        if merge == "mean":
-            merged.div_(total) if total != 0 else merged.zero_()  # 0 where no coefficient is kept
-        return merged.mul_(scale).add_(base)
-    weighted = task_vectors.mul_(rescaled.reshape((-1,) + (1,) * (tensors.dim() - 1)))
+    flat = task_vectors.view(task_vectors.shape[0], -1)
+    # a weighted sum over models is one matrix-vector product
+    merged = torch.mv(flat.t(), weights).view(task_vectors.shape[1:])
+    total = float(coef.sum())
+    if merge == "mean":
+        merged.div_(total) if total != 0 else merged.zero_()  # 0 where no coefficient is kept
+    return merged
+
+
+def elect_signs(
+    task_vectors: torch.Tensor, weights: torch.Tensor, coef: torch.Tensor, merge: Merge
+) -> torch.Tensor:
+    """TIES: sign(sum_i weights_i tau_i) per entry; an entry of model i is kept when
+    weights_i tau_i has that sign, so zeros (and entries whose elected sum is exactly zero)
+    contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
+    that is 0); "sum" does not divide."""
+    import torch
+
+    flat_shape = (task_vectors.shape[0], -1)
+    weighted = task_vectors.mul_(weights.reshape((-1,) + (1,) * (task_vectors.dim() - 1)))
     elected = weighted.sum(dim=0).sign()
     # sign(w) == elected != 0 exactly when w * elected > 0 (elected is -1, 0 or 1)
     kept = torch.mul(weighted, elected).gt_(0)  # 1.0 where kept, else 0.0
     merged = weighted.mul_(kept).sum(dim=0)
     if merge == "mean":
-        divisor = torch.mv(kept.view(flat.shape).t(), coef).view(merged.shape)
+        divisor = torch.mv(kept.view(flat_shape).t(), coef).view(merged.shape)
         # 0 where no coefficient is kept: x / 0 is inf or nan there (and a quotient past
         # float32's range, which finite inputs reach only with absurd coefficients)
         merged.div_(divisor).nan_to_num_(0.0, 0.0, 0.0)
-    return merged.mul_(scale).add_(base)
+    return merged
+
+
+@dataclass(frozen=True)
+class Steps:
+    """One method of the family: its sparsify step and its combine step."""
+
+    sparsify: Sparsify
+    combine: Combine
+
+    def __call__(
+        self,
+        tensors: torch.Tensor,
+        coef: torch.Tensor,
+        *,
+        base: torch.Tensor,
+        scale: float,
+        merge: Merge = "sum",
+        **params: Any,
+    ) -> torch.Tensor:
+        """base + scale * combine(sparsify(tau)). Every step is elementwise once each
+        model's band is known, so a chunk (flat entries offset, offset + 1, ...) is merged
+        alone when `bands` come from `task_vector_bands` over the whole tensor."""
+        # `task_vectors` is this call's own buffer: the steps update it in place (the same
+        # values as out-of-place ops, without a fresh (M, *shape) allocation per step).
+        task_vectors = tensors - base
+        weights = self.sparsify(task_vectors, coef, **params)
+        return self.combine(task_vectors, weights, coef, merge).mul_(scale).add_(base)
+
+
+TASK_ARITHMETIC = Steps(keep_all, weighted_sum)
+TIES = Steps(trim, elect_signs)
+DARE_LINEAR = Steps(drop, weighted_sum)
+DARE_TIES = Steps(drop, elect_signs)
+BREADCRUMBS = Steps(trim, weighted_sum)
 
 
 def task_vector_bands(
@@ -158,21 +212,21 @@ def task_vector_bands(
     return {"bands": bands}
 
 
+def _averages(params: Mapping[str, Any]) -> bool:
+    """merge="mean" divides by the sum of the kept models' coefficients."""
+    return params.get("merge") == "mean"
+
+
 @register(reference="https://arxiv.org/abs/2212.04089", needs_base=True, elementwise=True)
 def task_arithmetic(
-    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor, scale: float = 0.3
+    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor, scale: Scale = 0.3
 ) -> torch.Tensor:
     """base + scale * sum_i coef_i * tau_i (Ilharco et al. 2023).
 
     https://arxiv.org/abs/2212.04089. The paper's scale 0.3 is the default; mergekit has no
     global scale (each model's `weight` plays the role of scale * coef_i).
     """
-    return _generalized_task_arithmetic(
-        tensors,
-        coef,
-        base=base,
-        scale=scale,
-    )
+    return TASK_ARITHMETIC(tensors, coef, base=base, scale=scale)
 
 
 @register(
@@ -180,14 +234,15 @@ def task_arithmetic(
     needs_base=True,
     elementwise=True,
     prepare=task_vector_bands,
+    averages=_averages,
 )
 def ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: float = 0.2,
-    scale: float = 1.0,
+    density: Density = 0.2,
+    scale: Scale = 1.0,
     merge: Merge = "mean",
     bands: Sequence[Band] | None = None,
     offset: int = 0,
@@ -202,15 +257,13 @@ def ties(
     by the count of kept entries; PEFT divides by the count too. Here a zero elected sum keeps
     nothing, and merge="mean" divides by the sum of the kept models' coefficients.
     """
-    return _generalized_task_arithmetic(
+    return TIES(
         tensors,
         coef,
         base=base,
         scale=scale,
-        sparsify="magnitude",
-        density=density,
-        consensus=True,
         merge=merge,
+        density=density,
         bands=bands,
         offset=offset,
     )
@@ -222,8 +275,8 @@ def dare_linear(
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: float = 0.5,
-    scale: float = 0.3,
+    density: Density = 0.5,
+    scale: Scale = 0.3,
     generator: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 - density, rescale by 1/density, sum.
@@ -232,25 +285,22 @@ def dare_linear(
     `tensor_generator(seed, name)` (numpy) for reproducible masks, drawn on the CPU.
     mergekit and PEFT draw from the global RNG; mergekit defaults density to 1.0 (no drop).
     """
-    return _generalized_task_arithmetic(
-        tensors,
-        coef,
-        base=base,
-        scale=scale,
-        sparsify="random",
-        density=density,
-        generator=generator,
-    )
+    return DARE_LINEAR(tensors, coef, base=base, scale=scale, density=density, generator=generator)
 
 
-@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True, elementwise=True)
+@register(
+    reference="https://arxiv.org/abs/2311.03099",
+    needs_base=True,
+    elementwise=True,
+    averages=_averages,
+)
 def dare_ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: float = 0.5,
-    scale: float = 1.0,
+    density: Density = 0.5,
+    scale: Scale = 1.0,
     merge: Merge = "mean",
     generator: np.random.Generator | None = None,
 ) -> torch.Tensor:
@@ -260,17 +310,21 @@ def dare_ties(
     PEFT's divides by the count of agreeing models; here merge="mean" divides by the sum of
     their coefficients, as `ties` does.
     """
-    return _generalized_task_arithmetic(
-        tensors,
-        coef,
-        base=base,
-        scale=scale,
-        sparsify="random",
-        density=density,
-        consensus=True,
-        merge=merge,
-        generator=generator,
+    return DARE_TIES(
+        tensors, coef, base=base, scale=scale, merge=merge, density=density, generator=generator
     )
+
+
+def _band_fits(params: Mapping[str, Any]) -> list[str]:
+    """gamma + density <= 1: the dropped top fraction and the kept fraction fit the tensor."""
+    gamma, density = params["gamma"], params["density"]
+    if gamma + density <= 1 + 1e-9:
+        return []
+    return [
+        f"parameters gamma = {gamma!r} and density = {density!r} sum to {gamma + density:g}; "
+        "gamma + density must be <= 1 (the dropped top fraction and the kept fraction cannot "
+        "exceed the tensor)"
+    ]
 
 
 @register(
@@ -278,15 +332,16 @@ def dare_ties(
     needs_base=True,
     elementwise=True,
     prepare=task_vector_bands,
+    validate=_band_fits,
 )
 def breadcrumbs(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: float = 0.9,
-    gamma: float = 0.01,
-    scale: float = 0.3,
+    density: Density = 0.9,
+    gamma: Gamma = 0.01,
+    scale: Scale = 0.3,
     bands: Sequence[Band] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
@@ -298,12 +353,11 @@ def breadcrumbs(
     trimming), and when the counts overlap drops fewer outliers; here gamma + density > 1 is
     rejected up front.
     """
-    return _generalized_task_arithmetic(
+    return BREADCRUMBS(
         tensors,
         coef,
         base=base,
         scale=scale,
-        sparsify="breadcrumbs",
         density=density,
         gamma=gamma,
         bands=bands,

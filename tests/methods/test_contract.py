@@ -1,0 +1,214 @@
+"""Contracts every registered method keeps, from one table: one row per method, with example
+parameters, the published formula at uniform coefficients (written out here, independently
+of the library), and whether the output ignores the models' order.
+
+A new method adds one row here (a test fails until it does) and one line to the README's
+table; the registry-wide tests below then cover it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanmerge.methods import METHODS, STATISTIC_KINDS, tensor_generator
+
+
+@dataclass(frozen=True)
+class Inputs:
+    tensors: torch.Tensor  # (M, *shape)
+    base: torch.Tensor
+    statistics: dict[str, torch.Tensor]  # keyword -> (M, ...) stacked
+
+
+Formula = Callable[[Inputs, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Row:
+    examples: tuple[dict[str, Any], ...] = ({},)  # parameters beyond the defaults
+    formula: Formula | None = None
+    symmetric: bool = True  # permuting the models (and their statistics) permutes nothing
+
+
+def _kept(n: int, fraction: float) -> int:
+    """Entries a trim keeps: fraction · n rounded half up, at least one."""
+    return max(1, math.floor(fraction * n + 0.5))
+
+
+def _band(tau: torch.Tensor, density: float, gamma: float = 0.0) -> torch.Tensor:
+    """tau with only its band of magnitudes: the top round(gamma n) dropped, the next kept."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    order = flat.abs().argsort(descending=True)
+    top = math.floor(gamma * n + 0.5) if gamma else 0
+    keep = order[top : top + _kept(n, density)]
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(tau.shape)
+
+
+def _elect(taus: torch.Tensor, merge: str = "mean") -> torch.Tensor:
+    """TIES' merge at uniform coefficients: the sum of the entries agreeing with the sign of
+    their sum, or their mean (0 where none agrees)."""
+    elected = taus.sum(0).sign()
+    agree = (taus.sign() == elected) & (taus != 0)
+    total = (taus * agree).sum(0)
+    if merge == "sum":
+        return total
+    count = agree.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def _task_vectors(x: Inputs) -> torch.Tensor:
+    return x.tensors - x.base
+
+
+def _slerp(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    a, b = (v.reshape(-1).double() for v in x.tensors)
+    t = p["t"]
+    cos = float(a @ b / (a.norm() * b.norm()))
+    omega = math.acos(cos)
+    out = (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
+    return out.float().reshape(x.tensors.shape[1:])
+
+
+def _regmean(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    """With alpha = 1, the joint least-squares weight: W = (sum W_i G_i)(sum G_i)^-1."""
+    grams = x.statistics["gram"].double()
+    weights = x.tensors.double()
+    numerator = sum(w @ g for w, g in zip(weights, grams, strict=True))
+    return (numerator @ torch.linalg.inv(grams.sum(0))).float()
+
+
+def _fisher(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    f = x.statistics["fisher"] + p["eps"]
+    return (f * x.tensors).sum(0) / f.sum(0)
+
+
+def _ties(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    trimmed = torch.stack([_band(t, p["density"]) for t in _task_vectors(x)])
+    return x.base + p["scale"] * _elect(trimmed, p["merge"])
+
+
+def _breadcrumbs(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    kept = [_band(t, p["density"], p["gamma"]) for t in _task_vectors(x)]
+    return x.base + p["scale"] * torch.stack(kept).sum(0)
+
+
+ROWS: dict[str, Row] = {
+    "weight_average": Row(formula=lambda x, p: x.tensors.mean(0)),
+    "task_arithmetic": Row(formula=lambda x, p: x.base + p["scale"] * _task_vectors(x).sum(0)),
+    "ties": Row(examples=({}, {"density": 0.7, "merge": "sum"}), formula=_ties),
+    "breadcrumbs": Row(examples=({"density": 0.6, "gamma": 0.2},), formula=_breadcrumbs),
+    # at density 1 nothing is dropped: task arithmetic, and TIES without its trim
+    "dare_linear": Row(
+        examples=({"density": 1.0},),
+        formula=lambda x, p: x.base + p["scale"] * _task_vectors(x).sum(0),
+        symmetric=False,
+    ),
+    "dare_ties": Row(
+        examples=({"density": 1.0}, {"density": 1.0, "merge": "sum"}),
+        formula=lambda x, p: x.base + p["scale"] * _elect(_task_vectors(x), p["merge"]),
+        symmetric=False,
+    ),
+    "slerp": Row(examples=({"t": 0.3}, {}), formula=_slerp, symmetric=False),
+    "fisher": Row(formula=_fisher),
+    "regmean": Row(examples=({"alpha": 1.0},), formula=_regmean),
+}
+
+
+def _inputs(name: str, m: int, seed: int = 0, *, integers: bool = False) -> Inputs:
+    """Random inputs; with `integers`, small whole numbers, so that every sum is exact and
+    a sign election cannot flip on the order of additions."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (6, 5)
+    if integers:
+        base = torch.randint(-8, 9, shape, generator=gen).float()
+        tensors = base + torch.randint(-4, 5, (m, *shape), generator=gen).float()
+    else:
+        base = torch.randn(shape, generator=gen)
+        tensors = base + 0.5 * torch.randn((m, *shape), generator=gen)
+    statistics = {}
+    for kind in METHODS[name].statistics:
+        stored = STATISTIC_KINDS[kind].file_shape(shape)
+        assert stored is not None
+        raw = torch.randn((m, *stored), generator=gen)
+        # positive weights for a diagonal; a positive definite Gram for a matrix
+        statistics[kind] = raw.abs() + 0.1 if stored == shape else raw @ raw.mT + torch.eye(5)
+    return Inputs(tensors, base, statistics)
+
+
+def _call(name: str, x: Inputs, coef: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+    spec = METHODS[name]
+    inputs: dict[str, Any] = dict(x.statistics)
+    if spec.uses_generator:
+        inputs["generator"] = tensor_generator(0, "w")
+    prepared = {} if spec.prepare is None else spec.prepare(list(x.tensors), x.base, **params)
+    return spec.fn(x.tensors, coef, base=x.base, **params, **inputs, **prepared)
+
+
+# (method, its parameters: the defaults with one of its row's examples over them)
+CASES = [
+    (name, {**METHODS[name].params, **example})
+    for name, row in sorted(ROWS.items())
+    if name in METHODS
+    for example in row.examples
+]
+
+
+def _models(name: str) -> int:
+    spec = METHODS[name]
+    return spec.max_models if spec.max_models is not None else max(3, spec.min_models)
+
+
+def test_the_table_has_one_row_per_registered_method() -> None:
+    assert set(ROWS) == set(METHODS)
+
+
+def test_the_readme_table_lists_every_registered_method_and_no_other() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert {row.split("`")[1] for row in rows} == set(METHODS)
+
+
+@pytest.mark.parametrize(("name", "params"), [c for c in CASES if ROWS[c[0]].formula])
+def test_uniform_coefficients_give_the_published_formula(name: str, params: dict[str, Any]) -> None:
+    x = _inputs(name, _models(name))
+    formula = ROWS[name].formula
+    assert formula is not None
+    uniform = torch.ones(len(x.tensors))
+    torch.testing.assert_close(_call(name, x, uniform, params), formula(x, params))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([c for c in CASES if ROWS[c[0]].symmetric]),
+    st.integers(0, 2**16),
+    st.permutations(range(3)),
+)
+def test_permuting_the_models_permutes_nothing(
+    case: tuple[str, dict[str, Any]], seed: int, order: list[int]
+) -> None:
+    name, params = case
+    m = _models(name)
+    order = [i for i in order if i < m]
+    x = _inputs(name, m, seed, integers=True)
+    coef = torch.tensor([1.0, 2.0, 3.0][:m])
+    permuted = Inputs(x.tensors[order], x.base, {k: v[order] for k, v in x.statistics.items()})
+    torch.testing.assert_close(
+        _call(name, permuted, coef[order], params),
+        _call(name, x, coef, params),
+        rtol=1e-5,
+        atol=1e-5,
+    )
