@@ -43,11 +43,22 @@ def test_entropy_of_uniform_predictions_is_log_classes() -> None:
     torch.testing.assert_close(entropy(torch.zeros(5, 4)), torch.log(torch.tensor(4.0)))
 
 
-@pytest.mark.parametrize("granularity", ["task", "layer"])
+@pytest.mark.parametrize("granularity", ["model", "tensor"])
 def test_learning_lowers_the_entropy_objective(problem, granularity: str) -> None:
     result = adamerging(*problem, granularity=granularity, steps=30, lr=0.05, progress=False)
     assert result.objective_end < result.objective_start - 1e-3
     assert len(result.history) == 30
+    assert (result.coefficients.per_model is None) == (granularity == "tensor")
+
+
+@pytest.mark.parametrize(("old", "new"), [("task", "model"), ("layer", "tensor")])
+def test_the_papers_granularity_names_still_work_with_a_deprecation_warning(
+    problem, old: str, new: str
+) -> None:
+    with pytest.warns(DeprecationWarning, match=f"granularity='{new}'"):
+        before = adamerging(*problem, granularity=old, steps=3, lr=0.05, progress=False)
+    after = adamerging(*problem, granularity=new, steps=3, lr=0.05, progress=False)
+    assert before.coefficients.to_json() == after.coefficients.to_json()
 
 
 def test_same_seed_gives_identical_coefficients_and_another_seed_does_not(problem) -> None:

@@ -105,3 +105,14 @@ def test_readme_names_every_method_and_command() -> None:
     for command in ("run", "merge", "coefficients", "methods", "stats"):
         assert command in main.commands
         assert f"nanmerge {command}" in readme, command
+
+
+def test_the_engine_and_cli_name_no_method_or_estimator() -> None:
+    """What they need to know about a method or estimator comes from its registry entry."""
+    from nanmerge.coefficients import ESTIMATORS
+
+    names = set(METHODS) | set(ESTIMATORS)
+    for path in [*(SRC / "engine").rglob("*.py"), *(SRC / "cli").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                raise AssertionError(f"{path.relative_to(SRC)}:{node.lineno} names {node.value!r}")

@@ -1,4 +1,4 @@
-"""The few types shared by every layer: tensor metadata, per-tensor statistics, coefficients."""
+"""The few types shared by every layer: tensor metadata, per-tensor norms, coefficients."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class MemoryCost:
 
 
 @dataclass(frozen=True)
-class TensorStats:
+class TensorNorms:
     """Float64 sums of squares of one tensor for each of the M models.
 
     Sums of squares (not norms) are kept because they add up exactly across tensors, so

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanmerge import Coefficients, MergeError
-from nanmerge._types import TensorStats
+from nanmerge._types import TensorNorms
 from nanmerge.coefficients import (
     RecipeFacts,
     cancellation_warning,
@@ -19,7 +19,7 @@ from nanmerge.coefficients import (
     manual,
     model_norms,
     nan,
-    tensor_stats,
+    tensor_norms,
 )
 from nanmerge.coefficients import uniform as uniform_estimator
 
@@ -40,7 +40,7 @@ def test_manual_rejects_a_count_mismatch_and_non_finite_values() -> None:
 
 
 def test_from_file_round_trips_model_and_tensor_coefficients(tmp_path: Path) -> None:
-    stats = {"x": TensorStats(1, (1.0, 4.0)), "y": TensorStats(1, (4.0, 1.0))}
+    stats = {"x": TensorNorms(1, (1.0, 4.0)), "y": TensorNorms(1, (4.0, 1.0))}
     written = nan(stats, ("a", "b"), granularity="tensor")
     path = tmp_path / "coefs.json"
     path.write_text(json.dumps(written.to_json()))
@@ -129,7 +129,7 @@ def test_estimator_options_report_every_problem_at_once() -> None:
 def test_tensor_stats_are_sums_of_squares_of_weights_and_task_vectors() -> None:
     stack = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     base = torch.tensor([1.0, 1.0])
-    st = tensor_stats(stack, base)
+    st = tensor_norms(stack, base)
     assert st.numel == 2
     assert st.sumsq_finetuned == pytest.approx((5.0, 25.0))
     assert st.sumsq_task_vector == pytest.approx((1.0, 13.0))
@@ -137,7 +137,7 @@ def test_tensor_stats_are_sums_of_squares_of_weights_and_task_vectors() -> None:
 
 def test_model_norms_are_square_roots_of_summed_squares() -> None:
     norms = model_norms(
-        [TensorStats(1, (1.0, 4.0), (0.0, 1.0)), TensorStats(1, (3.0, 5.0), (4.0, 3.0))]
+        [TensorNorms(1, (1.0, 4.0), (0.0, 1.0)), TensorNorms(1, (3.0, 5.0), (4.0, 3.0))]
     )
     assert norms["finetuned"] == pytest.approx((2.0, 3.0))
     assert norms["task_vector"] == pytest.approx((2.0, 2.0))

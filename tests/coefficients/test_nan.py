@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanmerge._types import TensorStats
+from nanmerge._types import TensorNorms
 from nanmerge.coefficients import nan, uniform
 
 MODELS2 = ("a", "b")
 
 
-def stats_of(*sumsq: tuple[float, ...], tau: tuple[float, ...] | None = None) -> TensorStats:
-    return TensorStats(numel=1, sumsq_finetuned=sumsq[0], sumsq_task_vector=tau)
+def stats_of(*sumsq: tuple[float, ...], tau: tuple[float, ...] | None = None) -> TensorNorms:
+    return TensorNorms(numel=1, sumsq_finetuned=sumsq[0], sumsq_task_vector=tau)
 
 
 def test_model_level_weights_are_normalized_inverse_norms_times_m() -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import nanmerge
 from nanmerge._types import MergeError
-from nanmerge.coefficients import _stats
+from nanmerge.coefficients import _norms
 from nanmerge.engine import _stream
 from nanmerge.engine._stream import _BackgroundSink
 from nanmerge.methods import _sparsify, tensor_generator
@@ -166,7 +166,7 @@ def test_elementwise_methods_merged_in_chunks_equal_the_whole_tensor_merge(
 ) -> None:
     # random masks drawn, and norms summed, in blocks of 50 entries, which divides the chunks
     monkeypatch.setattr(_sparsify, "DRAW", 50)
-    monkeypatch.setattr(_stats, "NORM_BLOCK", 50)
+    monkeypatch.setattr(_norms, "NORM_BLOCK", 50)
     monkeypatch.setattr(_stream, "CHUNK", 1 << 20)  # 1024-entry tensors: one chunk
     whole = nanmerge.merge(recipe(wide, method=method, coefficients=coefficients))
     monkeypatch.setattr(_stream, "CHUNK", 100)  # 11 chunks, one partial

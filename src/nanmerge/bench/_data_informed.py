@@ -117,7 +117,7 @@ def adamerging_rows(
             states,
             modules,
             batches,
-            granularity="task" if granularity == "task" else "layer",
+            granularity="model" if granularity == "task" else "tensor",
             init="nan" if init == "nan" else "uniform",
             scale=ADAMERGING_SCALE,
             steps=steps,

@@ -15,7 +15,7 @@ from nanmerge.coefficients._estimators import (
     near_uniform_warning,
     uniform,
 )
-from nanmerge.coefficients._stats import model_norms, tensor_stats
+from nanmerge.coefficients._norms import model_norms, tensor_norms
 
 __all__ = [
     "ESTIMATORS",
@@ -31,6 +31,6 @@ __all__ = [
     "model_norms",
     "nan",
     "near_uniform_warning",
-    "tensor_stats",
+    "tensor_norms",
     "uniform",
 ]

@@ -1,9 +1,9 @@
-"""Coefficient estimators: pure functions from per-tensor statistics to `Coefficients`.
+"""Coefficient estimators: pure functions from per-tensor norms to `Coefficients`.
 
-Every estimator has the signature `fn(stats, models, **params) -> Coefficients`, where
-`stats` maps tensor names to `TensorStats` (possibly empty when the estimator needs none)
-and `models` names the M models. Registering an estimator also records which statistics it
-needs, so the engine knows whether a norm pass must precede the merge. Options are the
+Every estimator has the signature `fn(norms, models, **params) -> Coefficients`, where
+`norms` maps tensor names to `TensorNorms` (possibly empty when the estimator needs none)
+and `models` names the M models. Registering an estimator also records which norms it
+needs, so the engine knows whether its collect pass must precede the merge. Options are the
 keyword-only parameters, each annotation carrying its constraint (`nanmerge._params`), checked
 with the estimator's own rule about the recipe (`check_options`) before any input is opened.
 """
@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from nanmerge._params import Interval, Rule, Signature, did_you_mean
-from nanmerge._types import Coefficients, MergeError, TensorStats
+from nanmerge._types import Coefficients, MergeError, TensorNorms
 
 Needs = Literal["none", "model", "tensor"]
 Estimator = Callable[..., Coefficients]
@@ -38,7 +38,7 @@ class RecipeFacts:
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    """A registered estimator and a rule saying which statistics it needs for given params."""
+    """A registered estimator and a rule saying which norms it needs for given params."""
 
     name: str
     fn: Estimator
@@ -159,7 +159,7 @@ def cancellation_warning(coefficients: Coefficients) -> str | None:
 
 
 @_register(lambda params: "none", "uniform weights: 1.0 for every model")
-def uniform(stats: Mapping[str, TensorStats], models: Sequence[str]) -> Coefficients:
+def uniform(norms: Mapping[str, TensorNorms], models: Sequence[str]) -> Coefficients:
     """1.0 per model: every method then behaves exactly as published."""
     return Coefficients(tuple(models), "uniform", per_model=(1.0,) * len(models))
 
@@ -178,7 +178,7 @@ def _every_model_has_a_coefficient(options: Mapping[str, Any], facts: RecipeFact
     validate=_every_model_has_a_coefficient,
 )
 def manual(
-    stats: Mapping[str, TensorStats], models: Sequence[str], *, values: Sequence[float]
+    norms: Mapping[str, TensorNorms], models: Sequence[str], *, values: Sequence[float]
 ) -> Coefficients:
     """User-given weights, one per model (the recipe's per-model `coefficient`)."""
     if len(values) != len(models):
@@ -196,7 +196,7 @@ def manual(
 
 @_register(lambda params: "none", "coefficients JSON written by `nanmerge coefficients --json`")
 def from_file(
-    stats: Mapping[str, TensorStats],
+    norms: Mapping[str, TensorNorms],
     models: Sequence[str],
     *,
     path: Annotated[str, Rule(bool, "the path of a coefficients JSON file")],
@@ -271,7 +271,7 @@ def _task_vectors_have_a_base(options: Mapping[str, Any], facts: RecipeFacts) ->
     validate=_task_vectors_have_a_base,
 )
 def nan(
-    stats: Mapping[str, TensorStats],
+    norms: Mapping[str, TensorNorms],
     models: Sequence[str],
     *,
     norm_of: NormOf = "finetuned",
@@ -291,12 +291,12 @@ def nan(
         "eps": eps,
     }
     key = "sumsq_finetuned" if norm_of == "finetuned" else "sumsq_task_vector"
-    if any(getattr(st, key) is None for st in stats.values()):
+    if any(getattr(st, key) is None for st in norms.values()):
         raise MergeError("nan with norm_of: task_vector needs a `base` model in the recipe")
     result = Coefficients(tuple(models), "nan", params)
     if granularity == "model":
         totals = [0.0] * len(models)
-        for st in stats.values():
+        for st in norms.values():
             totals = [a + b for a, b in zip(totals, getattr(st, key), strict=True)]
         weights, zero = inverse_norm_weights(
             [t**0.5 for t in totals], convention=convention, eps=eps
@@ -316,9 +316,9 @@ def nan(
             result.warnings.append(warning)
         return result
     some_zero, all_zero = [], []
-    for name, st in stats.items():
-        norms = [v**0.5 for v in getattr(st, key)]
-        result.per_tensor[name], zero = inverse_norm_weights(norms, convention=convention, eps=eps)
+    for name, st in norms.items():
+        values = [v**0.5 for v in getattr(st, key)]
+        result.per_tensor[name], zero = inverse_norm_weights(values, convention=convention, eps=eps)
         if len(zero) == len(models):  # uniform there, as the table shows: not 0
             all_zero.append(name)
         elif zero:

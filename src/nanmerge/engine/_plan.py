@@ -65,7 +65,7 @@ class Plan:
         return self.method.averages(self.params)
 
     @property
-    def reference(self) -> Checkpoint:
+    def layout_input(self) -> Checkpoint:
         """The input whose layout the output follows: the base, else the first model."""
         return self.base if self.base is not None else self.models[0]
 

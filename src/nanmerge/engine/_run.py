@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from nanmerge._types import Coefficients, TensorStats
+from nanmerge._types import Coefficients, TensorNorms
 from nanmerge._version import __version__
 from nanmerge.coefficients import cancellation_warning, model_norms
 from nanmerge.config import Recipe, load_recipe
@@ -32,10 +32,10 @@ RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
 _MAX_WARNINGS = 12
 
 
-def _finish(p: Plan, coefficients: Coefficients, stats: Mapping[str, TensorStats]) -> Coefficients:
+def _finish(p: Plan, coefficients: Coefficients, norms: Mapping[str, TensorNorms]) -> Coefficients:
     """Attach the per-model norms every report shows, the plan's warnings (inputs first, so
     condensing never drops them) and those about the numbers; condense repeated warnings."""
-    coefficients.norms = model_norms(stats.values())
+    coefficients.norms = model_norms(norms.values())
     checks = [copied_tensor_warning(p)]
     if coefficients.per_tensor and p.estimator.summary is not None:
         checks.append(p.estimator.summary(coefficients))
@@ -62,8 +62,8 @@ def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, Col
         probe = p.estimator.fn({}, p.model_names, **p.estimator_options)
         coefficients.params = probe.params
     else:
-        stats = collected.stats if needs == "model" else {}
-        coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
+        norms = collected.norms if needs == "model" else {}
+        coefficients = p.estimator.fn(norms, p.model_names, **p.estimator_options)
     return coefficients, collected
 
 
@@ -74,9 +74,9 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
     """
     p = plan(load_recipe(recipe), for_output=False)
     try:
-        stats = collect_pass(p, progress=progress).stats
-        coefficients = p.estimator.fn(stats, p.model_names, **p.estimator_options)
-        return _finish(p, coefficients, stats)
+        norms = collect_pass(p, progress=progress).norms
+        coefficients = p.estimator.fn(norms, p.model_names, **p.estimator_options)
+        return _finish(p, coefficients, norms)
     finally:
         p.close()
 
@@ -234,7 +234,7 @@ def merge(
     try:
         start = time.perf_counter()
         coefficients, collected = _initial_coefficients(p, progress=progress)
-        timings = {"statistics_pass": time.perf_counter() - start}
+        timings = {"collect_pass": time.perf_counter() - start}
         if r.output is None:
             state: dict[str, torch.Tensor] = {}
             merge_stream(
@@ -273,8 +273,8 @@ def _write(
             r.output,
             p.entries,
             rank=r.rank or 0,
-            base=p.reference,
-            base_model_name_or_path=p.reference.source,
+            base=p.layout_input,
+            base_model_name_or_path=p.layout_input.source,
             overwrite=r.overwrite,
             metadata=metadata,
             inputs=p.protected,
@@ -282,12 +282,12 @@ def _write(
     )
     with writer:
         start = time.perf_counter()
-        stats = merge_stream(
+        norms = merge_stream(
             p, coefficients, writer.write, progress=progress, collected=collected.method
         )
         timings["merge"] = time.perf_counter() - start
-        _finish(p, coefficients, stats)
-        report = _report(p, coefficients, timings, {"statistics_pass": collected.ran})
+        _finish(p, coefficients, norms)
+        report = _report(p, coefficients, timings, {"collect_pass": collected.ran})
         report["output"] = {
             "path": str(r.output),
             "weight_files": list(writer.shard_names),

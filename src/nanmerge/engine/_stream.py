@@ -20,9 +20,9 @@ from types import TracebackType
 import torch
 from tqdm import tqdm
 
-from nanmerge._types import Checkpoint, Coefficients, MergeError, TensorStats
-from nanmerge.coefficients import tensor_stats
-from nanmerge.coefficients._stats import NORM_BLOCK
+from nanmerge._types import Checkpoint, Coefficients, MergeError, TensorNorms
+from nanmerge.coefficients import tensor_norms
+from nanmerge.coefficients._norms import NORM_BLOCK
 from nanmerge.engine._plan import Plan
 from nanmerge.io import CheckpointReader
 from nanmerge.methods import tensor_generator
@@ -31,7 +31,7 @@ from nanmerge.methods._sparsify import DRAW
 # Elementwise methods (the registry says which) are merged in chunks of CHUNK entries per
 # model: every pass then runs on cache-sized, reused buffers instead of fresh tensor-sized
 # ones, and no float32 copy of the whole tensor is made. A multiple of DRAW and of the norms'
-# block, so that random masks and statistics do not depend on where chunks begin.
+# block, so that random masks and norms do not depend on where chunks begin.
 CHUNK = 1 << 19
 assert CHUNK % DRAW == 0 and CHUNK % NORM_BLOCK == 0
 
@@ -41,7 +41,7 @@ class Loaded:
     """One tensor across the inputs, as read (source dtype, on the recipe's device).
 
     `models` has one tensor per model (the base's where a model lacks it); `raw` is a
-    non-floating tensor copied from the reference unchanged.
+    non-floating tensor copied from the layout input unchanged.
     """
 
     name: str
@@ -86,10 +86,10 @@ def _chunks(
         yield begin, part, base_part
 
 
-def checked_stats(
-    plan: Plan, item: Loaded, parts: Iterable[TensorStats] | None = None
-) -> TensorStats:
-    """The tensor's statistics, which double as the finiteness check of every input.
+def checked_norms(
+    plan: Plan, item: Loaded, parts: Iterable[TensorNorms] | None = None
+) -> TensorNorms:
+    """The tensor's norms, which double as the finiteness check of every input.
 
     Summed over chunks: `parts` collected by a merge on the way, or computed here chunk by
     chunk (the same way, so both give the same numbers). A sum of squares is finite exactly
@@ -98,14 +98,14 @@ def checked_stats(
     """
     assert item.models is not None  # floating tensors always carry their models
     if parts is None:
-        parts = (tensor_stats(stack, base) for _, stack, base in _chunks(item))
+        parts = (tensor_norms(stack, base) for _, stack, base in _chunks(item))
     finetuned = [0.0] * len(item.models)
     task_vector = None if item.base is None else [0.0] * len(item.models)
     for part in parts:
         finetuned = [a + b for a, b in zip(finetuned, part.sumsq_finetuned, strict=True)]
         if task_vector is not None and part.sumsq_task_vector is not None:
             task_vector = [a + b for a, b in zip(task_vector, part.sumsq_task_vector, strict=True)]
-    st = TensorStats(
+    st = TensorNorms(
         item.models[0].numel(),
         tuple(finetuned),
         None if task_vector is None else tuple(task_vector),
@@ -124,14 +124,14 @@ def merge_tensor(
     coef: torch.Tensor,
     dtype: torch.dtype,
     inputs: Mapping[str, object],
-    stats: list[TensorStats] | None = None,
+    norms: list[TensorNorms] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor in float32 and cast it to `dtype`: chunk by chunk when the method is
     elementwise (after its `prepare` step over the whole tensor), else over the whole
     (M, *shape) stack.
 
     `inputs` are the method's per-tensor keyword inputs (generator, statistics). A chunked
-    merge appends each chunk's statistics to `stats` when given: one pass over the inputs
+    merge appends each chunk's norms to `norms` when given: one pass over the inputs
     instead of two.
     """
     assert item.models is not None
@@ -143,14 +143,14 @@ def merge_tensor(
         out = torch.empty(shape, dtype=dtype, device=device)
         flat = out.reshape(-1)
         for begin, stack, base in _chunks(item):
-            if stats is not None:
-                stats.append(tensor_stats(stack, base))
+            if norms is not None:
+                norms.append(tensor_norms(stack, base))
             where = {} if spec.prepare is None else {"offset": begin}
             merged = spec.fn(stack, coef, base=base, **params, **where)
             part = flat[begin : begin + stack.shape[1]]
             part.copy_(merged)
             if not _all_finite(part):
-                checked_stats(plan, item)  # a damaged input is named first
+                checked_norms(plan, item)  # a damaged input is named first
                 raise _overflow(item.name, merged, dtype)
         return out
     stack = torch.empty((len(item.models), *shape), dtype=torch.float32, device=device)
@@ -222,10 +222,10 @@ def load(plan: Plan, name: str, buffers: ReadBuffers | None, index: int) -> Load
     dtype: into `buffers` where given and the reader can (valid until they are reused), else
     into fresh memory.
 
-    Non-floating tensors are copied from the reference unchanged.
+    Non-floating tensors are copied from the layout input unchanged.
     """
     if name not in plan.merged:
-        return Loaded(name, None, None, plan.reference[name])
+        return Loaded(name, None, None, plan.layout_input[name])
     device = torch.device(plan.recipe.device)
 
     def read(checkpoint: Checkpoint, slot: int) -> torch.Tensor:
@@ -325,30 +325,30 @@ def _to_cpu(sink: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.T
 
 @dataclass
 class Collected:
-    """What the pass before the merge gathered: every merged tensor's statistics (what
+    """What the pass before the merge gathered: every merged tensor's norms (what
     model-level estimators read) and the method's declared whole-model statistic."""
 
-    stats: dict[str, TensorStats]
+    norms: dict[str, TensorNorms]
     method: object = None
     ran: bool = False
 
 
 def collect_pass(plan: Plan, *, progress: bool) -> Collected:
     """Read every floating tensor once, chunk by chunk, for everything gathered before the
-    merge: the statistics (which double as the inputs' finiteness check) and the method's
+    merge: the norms (which double as the inputs' finiteness check) and the method's
     `collect`, folded chunk after chunk so no whole model is ever held."""
     names = [n for n, _ in plan.entries if n in plan.merged]
     collect = plan.method.collect
     out = Collected({}, ran=True)
-    bar = tqdm(total=len(names), desc="statistics", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(names), desc="collecting", unit="tensor", disable=not progress)
     for item in _loads(plan, names, reuse=True):
         parts = []
         for _, stack, base in _chunks(item):
-            parts.append(tensor_stats(stack, base))
+            parts.append(tensor_norms(stack, base))
             if collect is not None:
                 part = collect.partial(plan.contexts[item.name], stack, base)
                 out.method = part if out.method is None else collect.combine(out.method, part)
-        out.stats[item.name] = checked_stats(plan, item, parts)
+        out.norms[item.name] = checked_norms(plan, item, parts)
         bar.update()
     bar.close()
     return out
@@ -361,18 +361,18 @@ def merge_stream(
     *,
     progress: bool,
     collected: object = None,
-) -> dict[str, TensorStats]:
+) -> dict[str, TensorNorms]:
     """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
     estimators are evaluated on the way. `collected` is the method's whole-model statistic
     from `collect_pass`, when it declares one.
 
-    Returns the statistics of every merged tensor (for the report's norms). Layer-wise
+    Returns the norms of every merged tensor (for the report). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
     """
     spec = plan.method
     per_tensor = plan.estimator.needs(plan.estimator_options) == "tensor"
     out_meta = dict(plan.entries)
-    stats: dict[str, TensorStats] = {}
+    norms: dict[str, TensorNorms] = {}
 
     def merge_one(item: Loaded) -> torch.Tensor:
         if item.models is None:
@@ -388,10 +388,10 @@ def merge_stream(
         if plan.statistics is not None:
             inputs |= plan.statistics.inputs(item.name)
         dtype, device = out_meta[item.name].dtype, item.models[0].device
-        # with the coefficients known before the merge, the statistics come from its own pass
+        # with the coefficients known before the merge, the norms come from its own pass
         fused = plan.method.elementwise and not per_tensor
         if not fused:
-            st = stats[item.name] = checked_stats(plan, item)
+            st = norms[item.name] = checked_norms(plan, item)
             if per_tensor:
                 part = plan.estimator.fn(
                     {item.name: st}, plan.model_names, **plan.estimator_options
@@ -401,9 +401,9 @@ def merge_stream(
         coef = coefficients.for_tensor(item.name).to(device)
         if not fused:
             return merge_tensor(plan, item, coef, dtype, inputs)
-        parts: list[TensorStats] = []
+        parts: list[TensorNorms] = []
         merged = merge_tensor(plan, item, coef, dtype, inputs, parts)
-        stats[item.name] = checked_stats(plan, item, parts)
+        norms[item.name] = checked_norms(plan, item, parts)
         return merged
 
     names = [n for n, _ in plan.entries]
@@ -418,4 +418,4 @@ def merge_stream(
             write(name, merge_one(next(loaded)))
             bar.update()
     bar.close()
-    return stats
+    return norms

@@ -14,6 +14,7 @@ It holds the base and every task vector in memory: meant for models that fit the
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,13 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from nanmerge._types import Coefficients, MergeError, TensorStats
-from nanmerge.coefficients import nan, tensor_stats
+from nanmerge._types import Coefficients, MergeError, TensorNorms
+from nanmerge.coefficients import nan, tensor_norms
 
-Granularity = Literal["task", "layer"]
+Granularity = Literal["model", "tensor"]
+# The paper's words for the same two choices (task-wise = model, layer-wise = tensor), still
+# accepted with a deprecation warning.
+_PAPER_WORDS = ("task", "layer")
 Init = Literal["uniform", "nan"]
 
 __all__ = ["AdaMergingResult", "adamerging", "entropy", "save_coefficients"]
@@ -60,18 +64,18 @@ def _initial(
     """Starting coefficients in nanmerge's convention (uniform = 1.0), shape (T, M) or (1, M)."""
     m = len(models)
     if init == "uniform":
-        return torch.ones(len(names) if granularity == "layer" else 1, m, dtype=torch.float64)
-    stats: dict[str, TensorStats] = {
-        n: tensor_stats(torch.stack([md[n].float() for md in models]), base[n].float())
+        return torch.ones(len(names) if granularity == "tensor" else 1, m, dtype=torch.float64)
+    norms: dict[str, TensorNorms] = {
+        n: tensor_norms(torch.stack([md[n].float() for md in models]), base[n].float())
         for n in names
     }
     estimate = nan(
-        stats,
+        norms,
         labels,
         norm_of="task_vector",
-        granularity="tensor" if granularity == "layer" else "model",
+        granularity=granularity,
     )
-    if granularity == "task":
+    if granularity == "model":
         return torch.tensor([estimate.per_model], dtype=torch.float64)
     return torch.tensor([estimate.per_tensor[n] for n in names], dtype=torch.float64)
 
@@ -82,7 +86,7 @@ def adamerging(
     modules: Sequence[nn.Module],
     batches: Sequence[Sequence[torch.Tensor]],
     *,
-    granularity: Granularity = "layer",
+    granularity: Granularity | Literal["task", "layer"] = "tensor",
     init: Init = "uniform",
     scale: float = 0.3,
     steps: int = 100,
@@ -98,9 +102,18 @@ def adamerging(
     `functional_call`, everything else (the head) stays its own. `batches[k]` are unlabeled
     input batches of task k; each step draws one batch per task (seeded) and minimizes the
     sum of the tasks' mean prediction entropies with Adam. `init` starts from uniform
-    coefficients or NAN's (task-vector norms, per tensor for `layer`). The result's
-    coefficient c satisfies lambda = scale * c.
+    coefficients or NAN's (task-vector norms, per tensor for `tensor`). `granularity` is one
+    coefficient per model (the paper's task-wise) or per model and tensor (layer-wise), named
+    as NAN's option is. The result's coefficient c satisfies lambda = scale * c.
     """
+    per: Granularity = "tensor" if granularity in ("tensor", "layer") else "model"
+    if granularity in _PAPER_WORDS:
+        warnings.warn(
+            f"adamerging(granularity='{granularity}') is now granularity='{per}', the name "
+            "NAN's option uses; the old name will be removed in a later release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     m = len(models)
     if m < 1 or len(modules) != m or len(batches) != m:
         raise MergeError(
@@ -127,14 +140,14 @@ def adamerging(
     labels = tuple(model_names or (f"model{i}" for i in range(m)))
     theta0 = {n: base[n].float() for n in names}
     taus = {n: torch.stack([md[n].float() for md in models]) - theta0[n] for n in names}
-    coef = _initial(init, granularity, base, models, names, labels).requires_grad_(True)
+    coef = _initial(init, per, base, models, names, labels).requires_grad_(True)
     optimizer = torch.optim.Adam([coef], lr=lr)
     gen = torch.Generator().manual_seed(seed)
 
     def merged() -> dict[str, torch.Tensor]:
         out = {}
         for i, n in enumerate(names):
-            c = (scale * coef[i if granularity == "layer" else 0]).float()
+            c = (scale * coef[i if per == "tensor" else 0]).float()
             out[n] = theta0[n] + (c.reshape((-1,) + (1,) * (taus[n].dim() - 1)) * taus[n]).sum(0)
         return out
 
@@ -168,7 +181,7 @@ def adamerging(
         labels,
         "adamerging",
         {
-            "granularity": granularity,
+            "granularity": per,
             "init": init,
             "scale": scale,
             "steps": steps,
@@ -176,7 +189,7 @@ def adamerging(
             "seed": seed,
         },
     )
-    if granularity == "task":
+    if per == "model":
         result.per_model = tuple(float(v) for v in learned[0])
     else:
         result.per_tensor = {n: tuple(float(v) for v in learned[i]) for i, n in enumerate(names)}

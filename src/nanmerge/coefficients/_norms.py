@@ -1,11 +1,15 @@
-"""Per-tensor statistics that every estimator reads: float64 sums of squares."""
+"""Per-tensor norms that every estimator reads, kept as float64 sums of squares.
+
+"Statistics" in nanmerge means the data statistics of data-informed methods (Fisher,
+Gram); what estimators read from the weights alone are norms.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from nanmerge._types import TensorStats
+from nanmerge._types import TensorNorms
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
@@ -28,7 +32,7 @@ def _sumsq(x: torch.Tensor) -> float:
     )
 
 
-def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> TensorStats:
+def tensor_norms(tensors: torch.Tensor, base: torch.Tensor | None = None) -> TensorNorms:
     """Sums of squares of theta_i and, with a base, of tau_i = theta_i - theta_0.
 
     `tensors` is the (M, *shape) stack of one tensor across the fine-tuned models. Squares are
@@ -43,15 +47,15 @@ def tensor_stats(tensors: torch.Tensor, base: torch.Tensor | None = None) -> Ten
         # one buffer for every model's tau_i
         scratch = torch.empty_like(tensors[0], dtype=torch.result_type(tensors, base))
         task_vector = tuple(_sumsq(torch.sub(t, base, out=scratch)) for t in tensors)
-    return TensorStats(tensors[0].numel(), finetuned, task_vector)
+    return TensorNorms(tensors[0].numel(), finetuned, task_vector)
 
 
-def model_norms(stats: Iterable[TensorStats]) -> dict[str, tuple[float, ...]]:
+def model_norms(norms: Iterable[TensorNorms]) -> dict[str, tuple[float, ...]]:
     """Per-model L2 norms over all the given tensors, of theta_i and (with a base) of tau_i."""
     finetuned: list[float] | None = None
     task_vector: list[float] | None = None
     has_task_vector = True
-    for st in stats:
+    for st in norms:
         if finetuned is None:
             finetuned = [0.0] * len(st.sumsq_finetuned)
             task_vector = [0.0] * len(st.sumsq_finetuned)
@@ -62,7 +66,7 @@ def model_norms(stats: Iterable[TensorStats]) -> dict[str, tuple[float, ...]]:
             task_vector = [a + b for a, b in zip(task_vector, st.sumsq_task_vector, strict=True)]
     if finetuned is None:
         return {}
-    norms = {"finetuned": tuple(v**0.5 for v in finetuned)}
+    out = {"finetuned": tuple(v**0.5 for v in finetuned)}
     if has_task_vector and task_vector is not None:
-        norms["task_vector"] = tuple(v**0.5 for v in task_vector)
-    return norms
+        out["task_vector"] = tuple(v**0.5 for v in task_vector)
+    return out
