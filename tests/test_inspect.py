@@ -154,3 +154,30 @@ def test_cli_inspect_errors_name_the_input(tmp_path: Path, monkeypatch: pytest.M
     assert uncached.exit_code == 2
     assert "'org/absent' is not in the local cache" in uncached.output
     assert "--allow-downloads" in uncached.output
+
+
+def test_inspect_layers_prints_each_blocks_roles_and_what_lies_outside(tmp_path: Path) -> None:
+    names = [
+        "model.embed_tokens.weight",
+        *(
+            f"model.layers.{i}.{part}"
+            for i in range(2)
+            for part in ("self_attn.q_proj.weight", "mlp.up_proj.weight")
+        ),
+        "lm_head.weight",
+    ]
+    save_file({n: torch.zeros(2) for n in names}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 3}')
+    text = CliRunner().invoke(main, ["inspect", str(tmp_path), "--layers"])
+    assert text.exit_code == 0, text.output
+    assert "config.json says 3" in text.output
+    assert "layer 1 of 3: 2 tensors (attention 1, mlp 1)" in text.output
+    assert "outside the blocks (2)" in text.output and "lm_head.weight (head)" in text.output
+    data = json.loads(
+        CliRunner().invoke(main, ["inspect", str(tmp_path), "--layers", "--json"]).output
+    )
+    assert data["tensors"]["model.layers.1.mlp.up_proj.weight"] == {
+        "layer": 1,
+        "num_layers": 3,
+        "role": "mlp",
+    }

@@ -17,12 +17,22 @@ ALLOWED = {
     # Parameters checked from signatures (pydantic, loaded on first check) and the one
     # "did you mean": shared by methods, estimators and the recipe model.
     "_params": set(),
+    "_schedule": {"_types"},
     "methods": {"_types", "_params", "methods"},
     "coefficients": {"_types", "_params", "coefficients"},
     "io": {"_types", "io"},
-    "engine": {"_types", "_version", "io", "coefficients", "methods", "config", "engine"},
+    "engine": {
+        "_types",
+        "_version",
+        "_schedule",
+        "io",
+        "coefficients",
+        "methods",
+        "config",
+        "engine",
+    },
     "recipes": {"_types", "recipes"},
-    "config": {"_types", "_params", "config", "recipes"},
+    "config": {"_types", "_params", "_schedule", "config", "recipes"},
     "learn": {"_types", "coefficients", "learn"},
     "cli": {
         "_types",

@@ -251,21 +251,25 @@ def test_mergekit_base_plus_lora_syntax_reads_the_adapter_over_the_base() -> Non
     assert from_mergekit(data)["models"] == [{"path": "./adapter", "coefficient": 1.0}]
 
 
-def test_gradient_and_filter_parameters_are_listed_in_one_error() -> None:
+def test_gradients_and_filters_translate_but_differing_densities_are_refused() -> None:
     with pytest.raises(MergeError) as info:
         from_mergekit(yaml.safe_load(TIES_GRADIENT_YML), where="ties.yml")
     message = str(info.value)
-    assert message.startswith("ties.yml is a mergekit recipe")
-    assert "gradient parameter 'density' of models[0]" in message
-    assert "gradient parameter 'weight' of models[1]" in message
-    assert "filter-based parameter 'weight' of models[2]" in message
+    assert message.startswith("ties.yml is a mergekit recipe") and "1 feature(s)" in message
+    assert "per-model `density` that differs between models" in message
+    data = yaml.safe_load(TIES_GRADIENT_YML)
+    for entry in data["models"][1:]:
+        entry["parameters"]["density"] = [1, 0.7, 0.1]
+    recipe = from_mergekit(data)
+    assert recipe["parameters"]["density"] == {"schedule": [1, 0.7, 0.1]}
+    assert [m.get("coefficient") for m in recipe["models"]] == [
+        1.0,
+        {"schedule": [0, 0.3, 0.7, 1]},
+        [{"filter": "mlp", "value": 0.5}, {"value": 0}],
+    ]
 
 
 def test_slices_filters_and_other_methods_are_listed_in_one_error() -> None:
-    with pytest.raises(MergeError) as info:
-        from_mergekit(yaml.safe_load(GRADIENT_SLERP_YML))
-    message = str(info.value)
-    assert "slices" in message and "filter-based parameter 't'" in message
     data = {
         "merge_method": "model_stock",
         "base_model": "b",
@@ -497,3 +501,85 @@ def test_mergekit_fields_of_the_wrong_type_are_listed_not_raised(
     with pytest.raises(MergeError, match="mergekit recipe") as info:
         from_mergekit(data)
     assert says in str(info.value)
+
+
+# --- gradients and filters ----------------------------------------------------------------
+
+
+def gradient_slerp_models_form() -> str:
+    """examples/gradient-slerp.yml in the `models:` form its own comment gives (the slices
+    form needs per-slice depth, which the slices translation owns)."""
+    data = yaml.safe_load(GRADIENT_SLERP_YML)
+    data["models"] = [{"model": s["model"]} for s in data.pop("slices")[0]["sources"]]
+    return yaml.safe_dump(data)
+
+
+SLERP_LAYERS = 5
+SLERP_NAMES = [
+    "model.embed_tokens.weight",
+    *(
+        f"model.layers.{i}.{part}.weight"
+        for i in range(SLERP_LAYERS)
+        for part in ("self_attn.q_proj", "mlp.down_proj", "input_layernorm")
+    ),
+    "model.norm.weight",
+    "lm_head.weight",
+]
+
+
+def test_gradient_slerp_filters_become_schedules() -> None:
+    recipe = from_mergekit(yaml.safe_load(gradient_slerp_models_form()))
+    assert recipe["parameters"]["t"] == [
+        {"filter": "self_attn", "value": {"schedule": [0, 0.5, 0.3, 0.7, 1]}},
+        {"filter": "mlp", "value": {"schedule": [1, 0.5, 0.7, 0.3, 0]}},
+        {"value": 0.5},
+    ]
+
+
+def test_filter_list_without_default_falls_back_as_mergekit_does() -> None:
+    """mergekit reads the next scope when no filter matches: the global value, then its
+    default (density 1.0)."""
+    data = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [
+            {"model": m, "parameters": {"density": [{"filter": "mlp", "value": [0.2, 0.4]}]}}
+            for m in ("x", "y")
+        ],
+        "parameters": {"lambda": [{"filter": "attn", "value": 0.5}]},
+    }
+    recipe = from_mergekit(data)
+    assert recipe["parameters"]["density"] == [
+        {"filter": "mlp", "value": {"schedule": [0.2, 0.4]}},
+        {"value": 1.0},
+    ]
+    assert recipe["parameters"]["scale"] == [{"filter": "attn", "value": 0.5}, {"value": 1.0}]
+
+
+def mergekit_t(name: str) -> float:
+    """examples/gradient-slerp.yml's t for one tensor, by mergekit's rules written out:
+    first filter that is a part of the name, layer i of n at i / (n - 1), t = 0 outside the
+    blocks, linear between the gradient's evenly spaced values."""
+    gradients = {"self_attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0]}
+    values = next((v for key, v in gradients.items() if key in name), None)
+    if values is None:
+        return 0.5
+    parts = name.split(".")
+    position = int(parts[2]) / (SLERP_LAYERS - 1) * (len(values) - 1)
+    left = int(position)
+    right = min(left + 1, len(values) - 1)
+    return values[left] + (position - left) * (values[right] - values[left])
+
+
+def test_gradient_slerp_runs_with_each_tensors_t(tmp_path: Path) -> None:
+    shapes = {n: (4,) if n.endswith("norm.weight") else (4, 3) for n in SLERP_NAMES}
+    family = build_family(tmp_path / "in", m=2, shapes=shapes, delta_scales=(1.0, 0.0))
+    family.model_tensors = family.model_tensors[:1]  # base_model plus one other model
+    merged = run_mergekit_yaml(tmp_path, gradient_slerp_models_form(), family)
+    for name in SLERP_NAMES:
+        t = mergekit_t(name)
+        v0, v1 = family.base_tensors[name].double(), family.model_tensors[0][name].double()
+        cos = float((v0 / v0.norm()).flatten() @ (v1 / v1.norm()).flatten())
+        theta = math.acos(cos)
+        expected = (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+        torch.testing.assert_close(merged[name], expected.float(), msg=name)

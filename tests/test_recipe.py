@@ -81,7 +81,7 @@ PATH_HINT = "expected a checkpoint path or Hugging Face repo id"
         ({"statistics": 3}, "statistics", "valid list"),
         ({"copy_files_from": ["x"]}, "copy_files_from", "valid string"),
         ({"coefficients": 3}, "coefficients", "valid dictionary"),
-        ({"parameters": {"scale": [0.3]}}, "parameters", "scale is a list"),
+        ({"parameters": {"scale": [0.3]}}, "parameters", "scale: [0.3] is a bare list"),
         ({"coefficients": {"estimator": "nan", "eps": {"a": 1}}}, "coefficients", "eps is a dict"),
     ],
 )
@@ -98,7 +98,7 @@ def test_a_wrong_type_in_any_field_is_a_recipe_error_naming_the_field(
 def test_self_referential_parameters_from_python_are_refused() -> None:
     loop: list[object] = []
     loop.append(loop)
-    with pytest.raises(MergeError, match="scale is a list"):
+    with pytest.raises(MergeError, match=r"scale\[0\]: \[\[...\]\] is not a filter entry"):
         load_recipe({"models": ["a"], "method": "task_arithmetic", "parameters": {"scale": loop}})
 
 

@@ -117,7 +117,9 @@ class Coefficients:
     """The one coefficient slot of every merge method, answered per tensor.
 
     `per_model` holds one weight per model (uniform is 1.0 each); `per_tensor` overrides it
-    for the tensors it names (layer-wise estimators). `norms` and `warnings` are kept so the
+    for the tensors it names (layer-wise estimators). `multiplier` scales the estimate of the
+    tensors it names, one factor per model (a recipe's coefficient schedules and filters), so
+    the report keeps the estimate and the factor apart. `norms` and `warnings` are kept so the
     report can show what the estimate was based on.
     """
 
@@ -128,6 +130,7 @@ class Coefficients:
     per_tensor: dict[str, tuple[float, ...]] = field(default_factory=dict)
     norms: dict[str, tuple[float, ...]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    multiplier: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def for_tensor(self, name: str) -> torch.Tensor:
         """The float32 coefficient vector (one entry per model) to use for tensor `name`."""
@@ -139,9 +142,13 @@ class Coefficients:
                 f"coefficients from estimator '{self.estimator}' have no entry for tensor "
                 f"'{name}' and no per-model default; re-estimate them for this model"
             )
+        factors = self.multiplier.get(name)
+        if factors is not None:
+            values = tuple(v * f for v, f in zip(values, factors, strict=True))
         return torch.tensor(values, dtype=torch.float32)
 
     def to_json(self) -> dict[str, Any]:
+        scaled = {k: list(v) for k, v in self.multiplier.items()}
         return {
             "models": list(self.models),
             "estimator": self.estimator,
@@ -150,6 +157,7 @@ class Coefficients:
             "per_tensor": {k: list(v) for k, v in self.per_tensor.items()},
             "norms": {k: list(v) for k, v in self.norms.items()},
             "warnings": list(self.warnings),
+            **({"multiplier": scaled} if scaled else {}),
         }
 
     @classmethod
@@ -165,4 +173,7 @@ class Coefficients:
             },
             norms={k: tuple(float(x) for x in v) for k, v in data.get("norms", {}).items()},
             warnings=list(data.get("warnings", [])),
+            multiplier={
+                k: tuple(float(x) for x in v) for k, v in data.get("multiplier", {}).items()
+            },
         )

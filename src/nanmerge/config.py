@@ -22,8 +22,9 @@ from pydantic import (
 )
 
 from nanmerge._params import did_you_mean
+from nanmerge._schedule import parse, varies
 from nanmerge._types import MergeError
-from nanmerge.recipes import from_mergekit
+from nanmerge.recipes import from_mergekit, layer_swap
 
 # Aliases (`*name`) may add at most this many nodes to a YAML recipe, counted as expanded.
 MAX_ALIAS_NODES = 10_000
@@ -78,13 +79,106 @@ def _check_scalars(values: Mapping[str, Any], what: str) -> None:
         raise ValueError(f"{what} must be single numbers, strings or booleans: {', '.join(bad)}")
 
 
+def _setting(value: Any, where: str) -> Any:
+    """A value that may vary over the model (a schedule or a filter list), checked as such."""
+    problems: list[str] = []
+    if varies(value):
+        parse(value, where, problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+
+
 class ModelEntry(BaseModel):
     """One fine-tuned model; `coefficient` feeds `coefficients: manual`."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     path: ModelSource
-    coefficient: float | None = None
+    coefficient: float | list[Any] | dict[str, Any] | None = None
+
+    @field_validator("coefficient")
+    @classmethod
+    def _coefficient_setting(cls, value: Any) -> Any:
+        return _setting(value, "")
+
+
+class LinesSpec(BaseModel):
+    """LiNeS (arXiv 2410.17146): the merged task vector scaled by alpha + beta * l / (L - 1)
+    in block l of L, by alpha outside the blocks; alpha, when not given, is the paper's
+    multi-task choice from the L1 norms of the task vectors and of the merged one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(ge=0, allow_inf_nan=False, description="the added scale at the last block")
+    alpha: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="the scale outside and at the first block"
+    )
+
+
+class SliceSource(BaseModel):
+    """Layers [first, end) of one model (half-open, like a Python range)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layers: tuple[int, int]
+    coefficient: float | None = Field(
+        None, description="this source's weight in the slice (default: the model's coefficient)"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _nonempty(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, end = value
+        if first < 0 or end <= first:
+            raise ValueError(
+                f"layer range [{first}, {end}] is empty or reversed; write [first, end) with "
+                "0 <= first < end"
+            )
+        return value
+
+
+class Slice(BaseModel):
+    """Output layers stacked from its sources' ranges (equally long), merged by `method`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    method: str | None = Field(None, description="default: the recipe's method and parameters")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_scalars(value, "method parameters")
+        return value
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> Slice:
+        lengths = [s.layers[1] - s.layers[0] for s in self.sources]
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                f"the sources' layer ranges have different lengths ({lengths}); the sources "
+                "of one slice are merged layer by layer, so give them equally long ranges"
+            )
+        overlapping = [
+            f"{a.model} {list(a.layers)} and {list(b.layers)}"
+            for i, a in enumerate(self.sources)
+            for b in self.sources[i + 1 :]
+            if a.model == b.model and a.layers[0] < b.layers[1] and b.layers[0] < a.layers[1]
+        ]
+        if overlapping:
+            raise ValueError(
+                f"overlapping ranges of one model in one slice: {'; '.join(overlapping)}; "
+                "list each model's layers once per slice"
+            )
+        return self
+
+    @property
+    def length(self) -> int:
+        first, end = self.sources[0].layers
+        return end - first
 
 
 class CoefficientSpec(BaseModel):
@@ -93,6 +187,12 @@ class CoefficientSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     estimator: str = "uniform"
+    multiplier: float | list[Any] | dict[str, Any] | None = None
+
+    @field_validator("multiplier")
+    @classmethod
+    def _multiplier_setting(cls, value: Any) -> Any:
+        return _setting(value, "")
 
     @model_validator(mode="after")
     def _scalar_options(self) -> CoefficientSpec:
@@ -153,12 +253,69 @@ class Recipe(BaseModel):
         description="per-model statistics files (safetensors from nanmerge.statistics, one per "
         "model, same order) for data-informed methods: fisher, regmean",
     )
+    lines: LinesSpec | None = Field(
+        None,
+        description="LiNeS: scale a task-vector method's merged delta up with depth, "
+        "{beta: ..., alpha: ...} (alpha defaults to the paper's multi-task choice)",
+    )
+
+    slices: list[Slice] | None = Field(
+        None,
+        min_length=1,
+        description="output layers stacked from layer ranges of the models, in order, "
+        "[{sources: [{model, layers: [first, end]}], method, parameters}]",
+    )
 
     @field_validator("parameters")
     @classmethod
     def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_scalars(value, "method parameters")
+        _check_scalars({k: v for k, v in value.items() if not varies(v)}, "method parameters")
+        for key, v in value.items():
+            _setting(v, key)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slice_defaults(cls, data: Any) -> Any:
+        """`layer_swap` is written as the slices it stands for; a slices recipe names its
+        models in the sources (`models` defaults to them, in order) and copies layers
+        (`method` defaults to passthrough)."""
+        if not isinstance(data, Mapping) or not ("slices" in data or "layer_swap" in data):
+            return data
+        data = dict(data)
+        if "layer_swap" in data:
+            if "slices" in data:
+                raise ValueError("give `layer_swap` or `slices`, not both")
+            data["slices"] = layer_swap(data.pop("layer_swap"))
+        data.setdefault("method", "passthrough")
+        if "models" not in data and isinstance(data["slices"], list):
+            sources = [
+                src.get("model")
+                for s in data["slices"]
+                if isinstance(s, Mapping) and isinstance(s.get("sources"), list)
+                for src in s["sources"]
+                if isinstance(src, Mapping)
+            ]
+            data["models"] = list(dict.fromkeys(m for m in sources if isinstance(m, str)))
+        return data
+
+    @model_validator(mode="after")
+    def _slice_models(self) -> Recipe:
+        if self.slices is None:
+            return self
+        paths = {m.path for m in self.models if isinstance(m.path, str)}
+        unknown = sorted({s.model for sl in self.slices for s in sl.sources} - paths)
+        if unknown:
+            raise ValueError(
+                f"slices name model(s) {', '.join(unknown)} that `models` does not list; list "
+                "them there, or leave `models` out to take the sources' models"
+            )
+        if self.output_format == "lora" or self.statistics is not None:
+            raise ValueError(
+                "slices restack layers, so they cannot be written as a LoRA adapter of the base "
+                "or read per-model statistics files; drop output_format: lora / statistics"
+            )
+        return self
 
     @field_validator("models", mode="before")
     @classmethod
@@ -191,6 +348,8 @@ def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden":
         valid = ModelEntry.model_fields if loc[0] == "models" else Recipe.model_fields
+        if loc[0] == "slices":
+            valid = SliceSource.model_fields if "sources" in loc[:-1] else Slice.model_fields
         return f"{where}: unknown field{did_you_mean(str(loc[-1]), valid)}"
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 

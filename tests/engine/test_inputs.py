@@ -65,6 +65,22 @@ def test_the_same_file_listed_twice_warns_also_through_a_link(family: Family) ->
     assert any("models[3]" in w and "same model as models[0]" in w for w in coefs.warnings)
 
 
+def test_a_copy_under_another_name_warns_once_and_a_linked_file_is_not_warned_twice(
+    family: Family, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(family.models[1].read_bytes())
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(family.models[0])
+    models = [*map(str, family.models), str(copy), str(link)]
+    coefs = nanmerge.estimate_coefficients(
+        {**recipe(family, method="weight_average"), "models": models}
+    )
+    same_norms = [w for w in coefs.warnings if "same norm in every tensor" in w]
+    assert len(same_norms) == 1 and "models[1]" in same_norms[0] and "models[3]" in same_norms[0]
+    assert any("models[4]" in w and "same model as models[0]" in w for w in coefs.warnings)
+
+
 def test_the_base_listed_among_the_models_warns(family: Family) -> None:
     coefs = nanmerge.estimate_coefficients(
         {**recipe(family, method="task_arithmetic"), "models": [str(family.base)]}

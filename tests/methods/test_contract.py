@@ -105,6 +105,7 @@ def _breadcrumbs(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
 
 ROWS: dict[str, Row] = {
     "weight_average": Row(formula=lambda x, p: x.tensors.mean(0)),
+    "passthrough": Row(formula=lambda x, p: x.tensors[0]),
     "task_arithmetic": Row(formula=lambda x, p: x.base + p["scale"] * _task_vectors(x).sum(0)),
     "ties": Row(examples=({}, {"density": 0.7, "merge": "sum"}), formula=_ties),
     "breadcrumbs": Row(examples=({"density": 0.6, "gamma": 0.2},), formula=_breadcrumbs),

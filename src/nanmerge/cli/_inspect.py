@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -20,10 +21,13 @@ from nanmerge.cli._report import fail
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option(
+    "--layers", is_flag=True, help="the parsed layout: each tensor's layer and role (headers only)"
+)
+@click.option(
     "--allow-downloads", is_flag=True, help="download a Hugging Face repo id missing from the cache"
 )
 def inspect_command(
-    path: str, as_json: bool, headers_only: bool, quiet: bool, allow_downloads: bool
+    path: str, as_json: bool, headers_only: bool, quiet: bool, layers: bool, allow_downloads: bool
 ) -> None:
     """Tensor names, shapes, dtypes, L2 norms and total size of PATH (any model input)."""
     from nanmerge.io import format_inspection, inspect_checkpoint
@@ -31,14 +35,57 @@ def inspect_command(
     try:
         info = inspect_checkpoint(
             path,
-            norms=not headers_only,
+            norms=not (headers_only or layers),
             allow_downloads=allow_downloads,
-            progress=not (quiet or as_json or headers_only),
+            progress=not (quiet or as_json or headers_only or layers),
         )
     except MergeError as exc:
         fail(exc)
         return
+    if layers:
+        layout = _layout(info)
+        click.echo(json.dumps(layout, indent=2) if as_json else _format_layout(layout))
+        return
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+def _layout(info: dict[str, Any]) -> dict[str, Any]:
+    """Each tensor's context as the engine reads it, with the config's layer count."""
+    from nanmerge.engine._context import config_layers, tensor_contexts
+
+    folder = info["folder"]
+    configured = config_layers(None if folder is None else Path(folder))
+    contexts = tensor_contexts([t["name"] for t in info["tensors"]], configured_layers=configured)
+    return {
+        "source": info["source"],
+        "config_layers": configured,
+        "tensors": {
+            name: {"layer": c.layer, "num_layers": c.num_layers, "role": c.role}
+            for name, c in contexts.items()
+        },
+    }
+
+
+def _format_layout(layout: dict[str, Any]) -> str:
+    """Per layer: its tensors by role; then the tensors outside the blocks."""
+    by_layer: dict[tuple[int, int], list[str]] = {}
+    outside: list[str] = []
+    for name, c in layout["tensors"].items():
+        if c["layer"] is None:
+            outside.append(f"{name} ({c['role']})")
+        else:
+            by_layer.setdefault((c["num_layers"], c["layer"]), []).append(c["role"])
+    stacks = sorted({size for size, _ in by_layer})
+    lines = [
+        f"{layout['source']}: {len(by_layer)} blocks in {len(stacks)} stack(s) of "
+        f"{', '.join(map(str, stacks)) or 'no'} layers"
+        + (f"; config.json says {layout['config_layers']}" if layout["config_layers"] else "")
+    ]
+    for (size, layer), roles in sorted(by_layer.items()):
+        counts = ", ".join(f"{r} {roles.count(r)}" for r in sorted(set(roles)))
+        lines.append(f"  layer {layer} of {size}: {len(roles)} tensors ({counts})")
+    lines.append(f"outside the blocks ({len(outside)}): " + (", ".join(outside) or "none"))
+    return "\n".join(lines)
 
 
 @click.command()

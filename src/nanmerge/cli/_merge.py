@@ -14,7 +14,7 @@ from nanmerge.cli._report import coefficient_table, fail, plan_details, print_su
 from nanmerge.config import Recipe, load_recipe, yaml_value
 
 # Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
-_COMPOUND = {"models", "parameters", "coefficients"}
+_COMPOUND = {"models", "parameters", "coefficients", "lines"}
 
 
 def _key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -60,6 +60,8 @@ def _recipe_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
             for m, c in zip(flags["model"], flags["coefficient"], strict=True)
         ]
     data["parameters"] = _key_values(flags["param"], "--param")
+    if flags["lines"]:
+        data["lines"] = _key_values(flags["lines"], "--lines")
     estimator = {} if flags["coefficients"] is None else {"estimator": flags["coefficients"]}
     data["coefficients"] = {
         **estimator,
@@ -132,6 +134,9 @@ def _merge_command() -> click.Command:
             help="per-model weight for --coefficients manual (repeat, in order)",
         ),
         click.Option(["--param"], multiple=True, help="method parameter KEY=VALUE (repeat)"),
+        click.Option(
+            ["--lines"], multiple=True, help="LiNeS option KEY=VALUE: beta=..., alpha=... (repeat)"
+        ),
         click.Option(
             ["--coefficients"],
             default=None,

@@ -15,7 +15,7 @@ from nanmerge.coefficients._estimators import (
     near_uniform_warning,
     uniform,
 )
-from nanmerge.coefficients._norms import model_norms, tensor_norms
+from nanmerge.coefficients._norms import identical_models, model_norms, tensor_norms
 
 __all__ = [
     "ESTIMATORS",
@@ -26,6 +26,7 @@ __all__ = [
     "diagnose",
     "from_file",
     "get_estimator",
+    "identical_models",
     "inverse_norm_weights",
     "manual",
     "model_norms",

@@ -6,7 +6,7 @@ Gram); what estimators read from the weights alone are norms.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from nanmerge._types import TensorNorms
@@ -48,6 +48,15 @@ def tensor_norms(tensors: torch.Tensor, base: torch.Tensor | None = None) -> Ten
         scratch = torch.empty_like(tensors[0], dtype=torch.result_type(tensors, base))
         task_vector = tuple(_sumsq(torch.sub(t, base, out=scratch)) for t in tensors)
     return TensorNorms(tensors[0].numel(), finetuned, task_vector)
+
+
+def identical_models(norms: Mapping[str, TensorNorms]) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of models whose sums of squares agree to the bit in every tensor:
+    the same weights as far as norms can tell, whatever the files are called. Free, since
+    the merge takes these norms anyway; two different models agree this way by accident
+    essentially never."""
+    columns = list(zip(*(n.sumsq_finetuned for n in norms.values()), strict=True))
+    return [(i, j) for j, cj in enumerate(columns) for i, ci in enumerate(columns[:j]) if ci == cj]
 
 
 def model_norms(norms: Iterable[TensorNorms]) -> dict[str, tuple[float, ...]]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nanmerge._types import Role, TensorContext
+from nanmerge.config import Recipe
+from nanmerge.methods import MethodSpec
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|resblocks|block|blocks)\.(\d+)(?=\.|$)")
 # Checked in this order: a norm inside attention (`attention.output.LayerNorm`) is a norm.
@@ -36,10 +38,21 @@ _ROLES: tuple[tuple[Role, re.Pattern[str]], ...] = (
     ),
 )
 _CONFIG_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# The parameter of task-vector methods that LiNeS sets per layer.
+SCALE = "scale"
 
 
 def _role(name: str) -> Role:
     return next((role for role, pattern in _ROLES if pattern.search(name)), "other")
+
+
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """(stack prefix, layer, rest) of a name in a block, so the layer can be renumbered;
+    None outside the blocks."""
+    match = _BLOCK.search(name)
+    if match is None:
+        return None
+    return name[: match.start(1)], int(match.group(1)), name[match.end(1) :]
 
 
 def config_layers(folder: Path | None) -> int | None:
@@ -84,3 +97,39 @@ def tensor_contexts(
         )
         for name, where in placed.items()
     }
+
+
+def lines_problems(
+    recipe: Recipe, method: MethodSpec | None, contexts: Mapping[str, TensorContext]
+) -> list[str]:
+    """Why the recipe's `lines` cannot apply, before any tensor is read."""
+    if recipe.lines is None or method is None:
+        return []
+    problems = []
+    if not method.needs_base or SCALE not in method.params:
+        problems.append(
+            f"lines: LiNeS scales a task-vector method's merged delta by depth; method "
+            f"'{method.name}' has no base and `scale` to scale: use it with a method that has"
+        )
+    if SCALE in recipe.parameters:
+        problems.append(
+            "lines: LiNeS sets the scale per layer (alpha + beta * l / (L - 1)); remove "
+            "`scale` from `parameters`, or set `lines.alpha`"
+        )
+    if contexts and not any(c.layer is not None for c in contexts.values()):
+        example = next(iter(contexts))
+        problems.append(
+            f"lines: no tensor name has a layer nanmerge can read (e.g. '{example}'), so "
+            "LiNeS would scale every tensor by alpha alone; it reads Llama/Mistral/Qwen "
+            "`model.layers.N.`, GPT-2 `h.N.`, BERT `encoder.layer.N.`, CLIP `encoder.layers.N.` "
+            "or `resblocks.N.`, T5 `block.N.` names"
+        )
+    return problems
+
+
+def lines_scale(context: TensorContext, alpha: float, beta: float) -> float:
+    """alpha + beta * l / (L - 1) in block l of L; alpha outside the blocks and in a
+    one-block stack (where the paper's l / (L - 1) is 0 / 0)."""
+    if context.layer is None or context.num_layers is None or context.num_layers < 2:
+        return alpha
+    return alpha + beta * context.layer / (context.num_layers - 1)

@@ -13,13 +13,16 @@ import torch
 from nanmerge._types import Checkpoint, MergeError, TensorContext, TensorMeta
 from nanmerge.coefficients import EstimatorSpec
 from nanmerge.config import Recipe
-from nanmerge.engine._context import config_layers, tensor_contexts
+from nanmerge.engine._context import config_layers, lines_problems, tensor_contexts
+from nanmerge.engine._layered import LayerValues, layer_values
 from nanmerge.engine._recipe import (
     check_shard_size,
     fail,
     resolve_estimator,
     resolve_method,
+    resolve_slices,
 )
+from nanmerge.engine._slices import Route, SliceLayout, slice_layout
 from nanmerge.engine._statistics import Statistics, open_statistics
 from nanmerge.io import (
     NON_WEIGHT_FILES,
@@ -57,7 +60,39 @@ class Plan:
     statistics: Statistics | None = None
     protected: list[Protected] = field(default_factory=list)
     contexts: Mapping[str, TensorContext] = field(default_factory=dict)
+    layered: LayerValues = field(default_factory=LayerValues)  # values that vary by tensor
     warnings: list[str] = field(default_factory=list)
+    # a sliced recipe: each output tensor's inputs and method, and the output's layer count
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    num_layers: int | None = None
+
+    def method_of(self, name: str) -> MethodSpec:
+        """The method that merges output tensor `name` (its slice's, in a sliced recipe)."""
+        route = self.routes.get(name)
+        return self.method if route is None else route.method
+
+    def params_of(self, name: str) -> Mapping[str, Any]:
+        route = self.routes.get(name)
+        return self.params if route is None else route.params
+
+    def sources_of(self, name: str) -> list[tuple[Checkpoint, str]]:
+        """The inputs output tensor `name` is merged from, each with the tensor's name there."""
+        route = self.routes.get(name)
+        if route is None:
+            return [(model, name) for model in self.models]
+        return [(self.models[m], n) for m, n in zip(route.models, route.names, strict=True)]
+
+    def base_name_of(self, name: str) -> str | None:
+        """The base's tensor that output tensor `name` is merged over, if any."""
+        route = self.routes.get(name)
+        if route is None:
+            return None if self.base is None else name
+        return route.base
+
+    def coef_of(self, name: str, per_model: torch.Tensor) -> torch.Tensor:
+        """The coefficients of the inputs `sources_of(name)`, from the per-model ones."""
+        route = self.routes.get(name)
+        return per_model if route is None else route.coef(per_model)
 
     @property
     def divides_by_coefficient_sum(self) -> bool:
@@ -136,6 +171,12 @@ def _identity(source: Any, ckpt: Checkpoint) -> object:
     except OSError:
         return ckpt.source
     return (st.st_dev, st.st_ino)
+
+
+def same_file_pairs(recipe: Recipe, models: list[Checkpoint]) -> set[tuple[int, int]]:
+    """Pairs (i, j), i < j, of models that are one file or object (already warned about)."""
+    keys = [_identity(e.path, c) for e, c in zip(recipe.models, models, strict=True)]
+    return {(i, j) for j, kj in enumerate(keys) for i, ki in enumerate(keys[:j]) if ki == kj}
 
 
 def _repeated_inputs(
@@ -258,6 +299,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     """Check the recipe and every input; raise one MergeError that lists every problem."""
     problems: list[str] = []
     method, params = resolve_method(recipe, problems)
+    resolved = resolve_slices(recipe, problems)
     estimator, options = resolve_estimator(recipe, problems)
     _check_device(recipe, problems)
     if for_output:
@@ -280,8 +322,19 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     statistics = None
     try:
         if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
-            entries, merged, fill = _layout(recipe, base, models, problems)
+            sliced = SliceLayout()
+            if recipe.slices is None:
+                entries, merged, fill = _layout(recipe, base, models, problems)
+            else:
+                sliced = slice_layout(recipe, resolved, base, models, problems)
+                entries, merged, fill = sliced.entries, sliced.merged, {}
             statistics = open_statistics(recipe, method, entries, merged, problems)
+            contexts = tensor_contexts(
+                [name for name, _ in entries],
+                configured_layers=sliced.num_layers or config_layers(_side_file_folder(opened)),
+            )
+            problems += lines_problems(recipe, method, contexts)
+            layered = layer_values(recipe, method, contexts, merged, problems)
         fail(problems)
     except BaseException:
         for ckpt in opened:
@@ -304,9 +357,9 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         copy_files_from=copy_from,
         protected=protected,
         statistics=statistics,
-        warnings=_repeated_inputs(recipe, base, models),
-        contexts=tensor_contexts(
-            [name for name, _ in entries],
-            configured_layers=config_layers(_side_file_folder(opened)),
-        ),
+        warnings=_repeated_inputs(recipe, base, models) + sliced.warnings,
+        routes=sliced.routes,
+        num_layers=sliced.num_layers or None,
+        contexts=contexts,
+        layered=layered,
     )

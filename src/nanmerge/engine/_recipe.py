@@ -11,8 +11,9 @@ from typing import Any
 from nanmerge._types import MergeError
 from nanmerge.coefficients import RecipeFacts, check_options, get_estimator
 from nanmerge.config import Recipe
+from nanmerge.engine._layered import coefficient_problems, parameter_problems
 from nanmerge.io import parse_size
-from nanmerge.methods import check_params, count_problem, get_method
+from nanmerge.methods import MethodSpec, check_params, count_problem, get_method
 
 
 def fail(problems: list[str]) -> None:
@@ -28,11 +29,14 @@ def resolve_estimator(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[st
         problems.append(str(exc))
         return None, {}
     options = recipe.coefficients.options
+    # a varying coefficient is 1.0 here and its values multiply per tensor (engine/_layered.py)
     facts = RecipeFacts(
         has_base=recipe.base is not None,
-        coefficients=tuple(m.coefficient for m in recipe.models),
+        coefficients=tuple(
+            1.0 if isinstance(c, list | dict) else c for c in (m.coefficient for m in recipe.models)
+        ),
     )
-    problems += check_options(spec, options, facts)
+    problems += check_options(spec, options, facts) + coefficient_problems(recipe)
     if spec.reads_coefficients is not None:
         options = {spec.reads_coefficients: list(facts.coefficients), **options}
     return spec, options
@@ -44,16 +48,56 @@ def resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, 
     except MergeError as exc:
         problems.append(str(exc))
         return None, {}
-    problems += check_params(spec, recipe.parameters)
-    count = count_problem(spec, len(recipe.models))
-    if count:
-        problems.append(count)
-    if spec.needs_base and recipe.base is None:
+    problems += parameter_problems(spec, recipe.parameters)
+    if recipe.slices is None:  # with slices, each slice's sources are what is merged
+        problems += _input_problems(spec, len(recipe.models), recipe.base is not None)
+    return spec, {**spec.params, **recipe.parameters}
+
+
+def _input_problems(spec: MethodSpec, count: int, has_base: bool) -> list[str]:
+    """Whether `count` models (with or without a base) are what `spec` merges."""
+    problems = [p for p in [count_problem(spec, count)] if p]
+    if spec.needs_base and not has_base:
         problems.append(
             f"method '{spec.name}' adds task vectors (model - base) and needs `base`: "
             "the pretrained model the others were fine-tuned from"
         )
-    return spec, {**spec.params, **recipe.parameters}
+    return problems
+
+
+def resolve_slices(recipe: Recipe, problems: list[str]) -> list[tuple[MethodSpec, dict[str, Any]]]:
+    """Each slice's method and parameters (the recipe's, updated by the slice's own, where
+    the slice names no method), checked against the slice's sources."""
+    resolved = []
+    for i, piece in enumerate(recipe.slices or []):
+        name = piece.method or recipe.method
+        params = piece.parameters if piece.method else {**recipe.parameters, **piece.parameters}
+        try:
+            spec = get_method(name)
+        except MergeError as exc:
+            problems.append(f"slices[{i}]: {exc}")
+            continue
+        found = check_params(spec, params)
+        found += _input_problems(spec, len(piece.sources), recipe.base is not None)
+        if spec.collect is not None or spec.statistics:
+            found.append(f"method '{name}' reads whole-model statistics, which slices do not have")
+        problems += [f"slices[{i}] ({len(piece.sources)} source(s)): {p}" for p in found]
+        resolved.append((spec, {**spec.params, **params}))
+    if recipe.slices is not None and _needs_norms(recipe):
+        problems.append(
+            f"coefficients: {recipe.coefficients.estimator} reads each model's norms over all "
+            "its tensors, but slices take only some layers of each model; use uniform or "
+            "manual, or give sources a `coefficient`"
+        )
+    return resolved
+
+
+def _needs_norms(recipe: Recipe) -> bool:
+    try:
+        spec = get_estimator(recipe.coefficients.estimator)
+    except MergeError:
+        return False  # reported by resolve_estimator
+    return spec.needs(recipe.coefficients.options) != "none"
 
 
 def check_shard_size(recipe: Recipe, problems: list[str]) -> None:
@@ -69,6 +113,7 @@ def check_recipe(recipe: Recipe, *, for_output: bool = True) -> None:
     input is opened."""
     problems: list[str] = []
     resolve_method(recipe, problems)
+    resolve_slices(recipe, problems)
     resolve_estimator(recipe, problems)
     if for_output:
         check_shard_size(recipe, problems)

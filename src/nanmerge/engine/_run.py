@@ -21,10 +21,13 @@ import yaml
 
 from nanmerge._types import Coefficients, TensorNorms
 from nanmerge._version import __version__
-from nanmerge.coefficients import cancellation_warning, model_norms
+from nanmerge.coefficients import cancellation_warning, identical_models, model_norms
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._copied import copied_tensor_warning
-from nanmerge.engine._plan import Plan, plan
+from nanmerge.engine._layered import with_multipliers
+from nanmerge.engine._lines import lines_overrides
+from nanmerge.engine._plan import Plan, plan, same_file_pairs
+from nanmerge.engine._slices import layer_count_config
 from nanmerge.engine._stream import CHUNK, Collected, collect_pass, merge_stream
 from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
 
@@ -41,6 +44,14 @@ def _finish(p: Plan, coefficients: Coefficients, norms: Mapping[str, TensorNorms
         checks.append(p.estimator.summary(coefficients))
     if p.divides_by_coefficient_sum:
         checks.append(cancellation_warning(coefficients))
+    flagged = same_file_pairs(p.recipe, p.models)
+    checks += [
+        f"models[{i}] ({p.model_names[i]}) and models[{j}] ({p.model_names[j]}) have the same "
+        "norm in every tensor: probably the same weights under two names, merged twice with "
+        "twice the weight; list the model once (with coefficients: manual to weight it)"
+        for i, j in identical_models(norms)
+        if (i, j) not in flagged
+    ]
     found = [w for w in checks if w]
     coefficients.warnings = [*p.warnings, *coefficients.warnings, *found]
     unique = list(dict.fromkeys(coefficients.warnings))
@@ -64,7 +75,7 @@ def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, Col
     else:
         norms = collected.norms if needs == "model" else {}
         coefficients = p.estimator.fn(norms, p.model_names, **p.estimator_options)
-    return coefficients, collected
+    return with_multipliers(coefficients, p.layered), collected
 
 
 def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coefficients:
@@ -76,7 +87,7 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
     try:
         norms = collect_pass(p, progress=progress).norms
         coefficients = p.estimator.fn(norms, p.model_names, **p.estimator_options)
-        return _finish(p, coefficients, norms)
+        return _finish(p, with_multipliers(coefficients, p.layered), norms)
     finally:
         p.close()
 
@@ -148,6 +159,7 @@ def _report(
         "method": {
             "name": p.method.name,
             "parameters": p.params,
+            "per_tensor": p.layered.params,  # only the parameters that vary
             "reference": p.method.reference,
         },
         "statistics": None if p.statistics is None else p.statistics.summary(),
@@ -235,10 +247,21 @@ def merge(
         start = time.perf_counter()
         coefficients, collected = _initial_coefficients(p, progress=progress)
         timings = {"collect_pass": time.perf_counter() - start}
+        if r.lines is not None:
+            start = time.perf_counter()
+            collected.overrides, collected.lines = lines_overrides(
+                p, r.lines, coefficients, progress=progress
+            )
+            timings["lines_pass"] = time.perf_counter() - start
         if r.output is None:
             state: dict[str, torch.Tensor] = {}
             merge_stream(
-                p, coefficients, state.__setitem__, progress=progress, collected=collected.method
+                p,
+                coefficients,
+                state.__setitem__,
+                progress=progress,
+                collected=collected.method,
+                overrides=collected.overrides,
             )
             return state
         with _signals_end_like_ctrl_c():
@@ -283,11 +306,17 @@ def _write(
     with writer:
         start = time.perf_counter()
         norms = merge_stream(
-            p, coefficients, writer.write, progress=progress, collected=collected.method
+            p,
+            coefficients,
+            writer.write,
+            progress=progress,
+            collected=collected.method,
+            overrides=collected.overrides,
         )
         timings["merge"] = time.perf_counter() - start
         _finish(p, coefficients, norms)
-        report = _report(p, coefficients, timings, {"collect_pass": collected.ran})
+        extra = {"collect_pass": collected.ran, "lines": collected.lines}
+        report = _report(p, coefficients, timings, extra)
         report["output"] = {
             "path": str(r.output),
             "weight_files": list(writer.shard_names),
@@ -297,6 +326,9 @@ def _write(
             report["output"]["lora"] = writer.summary()
         if p.copy_files_from is not None:
             writer.copy_files(p.copy_files_from, NON_WEIGHT_FILES)
+            config = p.num_layers and layer_count_config(p.copy_files_from, p.num_layers)
+            if config:
+                writer.add_file("config.json", config)
         writer.add_file("merge_report.json", json.dumps(report, indent=2))
         writer.add_file("README.md", _model_card(report))
         writer.finalize()

@@ -14,8 +14,9 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -113,9 +114,10 @@ def checked_norms(
     if not all(math.isfinite(s) for s in finetuned + (task_vector or [])):
         if plan.base is not None and item.base is not None:
             _check_finite(item.base.float(), item.name, plan.base.source)
-        for model, tensor in zip(plan.models, item.models, strict=True):
+        for (model, _), tensor in zip(plan.sources_of(item.name), item.models, strict=True):
             _check_finite(tensor.float(), item.name, model.source)
-    return st
+    route = plan.routes.get(item.name)
+    return st if route is None else route.per_model(st, len(plan.models))
 
 
 def merge_tensor(
@@ -135,7 +137,7 @@ def merge_tensor(
     instead of two.
     """
     assert item.models is not None
-    spec, params = plan.method, {**plan.params, **inputs}
+    spec, params = plan.method_of(item.name), {**plan.params_of(item.name), **inputs}
     shape, device = item.models[0].shape, item.models[0].device
     if spec.elementwise:
         if spec.prepare is not None:
@@ -222,22 +224,25 @@ def load(plan: Plan, name: str, buffers: ReadBuffers | None, index: int) -> Load
     dtype: into `buffers` where given and the reader can (valid until they are reused), else
     into fresh memory.
 
-    Non-floating tensors are copied from the layout input unchanged.
+    Non-floating tensors are copied from the layout input (a slice's first source) unchanged.
     """
+    sources = plan.sources_of(name)
     if name not in plan.merged:
-        return Loaded(name, None, None, plan.layout_input[name])
+        model, source = sources[0] if name in plan.routes else (plan.layout_input, name)
+        return Loaded(name, None, None, model[source])
     device = torch.device(plan.recipe.device)
 
-    def read(checkpoint: Checkpoint, slot: int) -> torch.Tensor:
+    def read(checkpoint: Checkpoint, slot: int, source: str) -> torch.Tensor:
         if buffers is None or not isinstance(checkpoint, CheckpointReader):
-            return checkpoint[name].to(device)
-        return checkpoint.read(name, buffers.memory(index, slot)).to(device)
+            return checkpoint[source].to(device)
+        return checkpoint.read(source, buffers.memory(index, slot)).to(device)
 
-    base = None if plan.base is None else read(plan.base, 0)
+    base_name = plan.base_name_of(name)
+    base = None if plan.base is None or base_name is None else read(plan.base, 0, base_name)
     lacking = plan.fill_from_base.get(name, [])
     models = [
-        base if i in lacking and base is not None else read(model, i + 1)
-        for i, model in enumerate(plan.models)
+        base if i in lacking and base is not None else read(model, i + 1, source)
+        for i, (model, source) in enumerate(sources)
     ]
     return Loaded(name, models, base, None)
 
@@ -331,6 +336,9 @@ class Collected:
     norms: dict[str, TensorNorms]
     method: object = None
     ran: bool = False
+    # per-tensor parameter values from a pass of their own (LiNeS's scale), and its report
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    lines: dict[str, Any] | None = None
 
 
 def collect_pass(plan: Plan, *, progress: bool) -> Collected:
@@ -354,6 +362,30 @@ def collect_pass(plan: Plan, *, progress: bool) -> Collected:
     return out
 
 
+def method_inputs(plan: Plan, name: str, collected: object) -> dict[str, object]:
+    """The per-tensor keyword inputs the method asks for: its seeded generator, the tensor's
+    context, the collected whole-model statistic, its statistics files' entries, and the
+    values of its parameters that vary by tensor (schedules, filters)."""
+    spec = plan.method_of(name)
+    inputs: dict[str, object] = dict(plan.layered.params.get(name, {}))
+    if spec.uses_generator:
+        inputs["generator"] = tensor_generator(plan.recipe.seed, name)
+    if spec.uses_context:
+        inputs["context"] = plan.contexts[name]
+    if spec.collect is not None:
+        inputs["collected"] = collected
+    if plan.statistics is not None:
+        inputs |= plan.statistics.inputs(name)
+    return inputs
+
+
+def estimate_tensor(plan: Plan, coefficients: Coefficients, name: str, norms: TensorNorms) -> None:
+    """Evaluate a per-tensor estimator on one tensor's norms into `coefficients`."""
+    part = plan.estimator.fn({name: norms}, plan.model_names, **plan.estimator_options)
+    coefficients.per_tensor.update(part.per_tensor)
+    coefficients.warnings += part.warnings
+
+
 def merge_stream(
     plan: Plan,
     coefficients: Coefficients,
@@ -361,16 +393,18 @@ def merge_stream(
     *,
     progress: bool,
     collected: object = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
 ) -> dict[str, TensorNorms]:
     """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
     estimators are evaluated on the way. `collected` is the method's whole-model statistic
-    from `collect_pass`, when it declares one.
+    from `collect_pass`, when it declares one; `overrides` are per-tensor parameter values
+    that replace the recipe's (LiNeS's scale by depth).
 
     Returns the norms of every merged tensor (for the report). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
     """
-    spec = plan.method
     per_tensor = plan.estimator.needs(plan.estimator_options) == "tensor"
+    overrides = overrides or {}
     out_meta = dict(plan.entries)
     norms: dict[str, TensorNorms] = {}
 
@@ -378,27 +412,15 @@ def merge_stream(
         if item.models is None:
             assert item.raw is not None
             return item.raw
-        inputs: dict[str, object] = {}
-        if spec.uses_generator:
-            inputs["generator"] = tensor_generator(plan.recipe.seed, item.name)
-        if spec.uses_context:
-            inputs["context"] = plan.contexts[item.name]
-        if spec.collect is not None:
-            inputs["collected"] = collected
-        if plan.statistics is not None:
-            inputs |= plan.statistics.inputs(item.name)
+        inputs = method_inputs(plan, item.name, collected) | dict(overrides.get(item.name, {}))
         dtype, device = out_meta[item.name].dtype, item.models[0].device
         # with the coefficients known before the merge, the norms come from its own pass
-        fused = plan.method.elementwise and not per_tensor
+        fused = plan.method_of(item.name).elementwise and not per_tensor
         if not fused:
             st = norms[item.name] = checked_norms(plan, item)
             if per_tensor:
-                part = plan.estimator.fn(
-                    {item.name: st}, plan.model_names, **plan.estimator_options
-                )
-                coefficients.per_tensor.update(part.per_tensor)
-                coefficients.warnings += part.warnings
-        coef = coefficients.for_tensor(item.name).to(device)
+                estimate_tensor(plan, coefficients, item.name, st)
+        coef = plan.coef_of(item.name, coefficients.for_tensor(item.name)).to(device)
         if not fused:
             return merge_tensor(plan, item, coef, dtype, inputs)
         parts: list[TensorNorms] = []

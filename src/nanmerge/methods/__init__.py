@@ -7,7 +7,7 @@ Every method is `fn(tensors, coef, *, base=None, **hyperparameters) -> Tensor` w
 from __future__ import annotations
 
 from nanmerge.methods._data_informed import fisher, regmean
-from nanmerge.methods._linear import weight_average
+from nanmerge.methods._linear import passthrough, weight_average
 from nanmerge.methods._registry import (
     METHODS,
     MethodSpec,
@@ -40,6 +40,7 @@ __all__ = [
     "dare_ties",
     "fisher",
     "get_method",
+    "passthrough",
     "register",
     "regmean",
     "slerp",

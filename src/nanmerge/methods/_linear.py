@@ -35,3 +35,17 @@ def weight_average(
         )
     # a weighted sum over models is one matrix-vector product
     return torch.mv(tensors.reshape(len(coef), -1).t(), coef / total).view(tensors.shape[1:])
+
+
+@register(
+    reference="https://github.com/arcee-ai/mergekit",
+    needs_base=False,
+    max_models=1,
+    elementwise=True,
+)
+def passthrough(
+    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The one model's tensor, unchanged: how a slice copies layers into a stacked model
+    (mergekit's `passthrough`). `coef` is ignored, as a weight average of one model would."""
+    return tensors[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nanmerge.recipes._layer_swap import layer_swap
 from nanmerge.recipes._mergekit import from_mergekit
 
-__all__ = ["from_mergekit"]
+__all__ = ["from_mergekit", "layer_swap"]

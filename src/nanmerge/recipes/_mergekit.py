@@ -41,15 +41,23 @@ SHARED: dict[str, _Method] = {
         "breadcrumbs", True, normalize=False, rescale=False, density=True, gamma=True
     ),
     "slerp": _Method("slerp", False, normalize=None, rescale=None),
+    "passthrough": _Method("passthrough", False, normalize=None, rescale=None),
 }
 UNSUPPORTED_FIELDS = {
-    "slices": "slices (layer ranges / passthrough stacking)",
     "modules": "modules (per-module sub-merges)",
     "tokenizer_source": "tokenizer_source (tokenizer merging)",
     "tokenizer": "tokenizer (tokenizer merging)",
     "chat_template": "chat_template",
 }
-_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_MERGEKIT_FIELDS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+}
 _OURS_REPLACED = {"base": "base_model", "method": "merge_method"}
 _NUMBERS = {"weight", "density", "gamma", "lambda", "t"}
 _DTYPES = {
@@ -63,18 +71,49 @@ _DTYPES = {
 }
 
 
+def _gradient(value: Any, what: str, problems: list[str]) -> Any:
+    """A single value, or a mergekit gradient (a bare list of numbers) as a schedule."""
+    if not isinstance(value, list | tuple):
+        return value
+    if value and all(_is_number(v) for v in value):
+        return {"schedule": list(value)}
+    problems.append(
+        f"gradient parameter {what} {list(value)!r} (only gradients of numbers interpolate)"
+    )
+    return None
+
+
 def _scalar(value: Any, what: str, problems: list[str]) -> Any:
-    """A parameter value, or None with a problem when it is a gradient or filter list."""
-    if isinstance(value, list | tuple):
-        if value and all(isinstance(v, Mapping) for v in value):
-            problems.append(f"filter-based parameter {what} (per-tensor `filter`/`value` list)")
-        else:
-            problems.append(f"gradient parameter {what} (a list of values across layers)")
-        return None
+    """A parameter value as nanmerge writes it: a gradient becomes a schedule and a
+    `filter`/`value` list a filter list (mergekit matches `filter` as a part of the name)."""
     if isinstance(value, Mapping):
-        problems.append(f"parameter {what} given as a mapping; only single values are supported")
-        return None
-    return value
+        value = [value]  # one conditional parameter
+    if isinstance(value, list | tuple) and value and all(isinstance(v, Mapping) for v in value):
+        entries = []
+        for i, entry in enumerate(value):
+            unknown = sorted(set(entry) - {"filter", "value"})
+            if "value" not in entry or unknown:
+                problems.append(f"parameter {what}[{i}]: {dict(entry)!r} is not {{filter, value}}")
+                continue
+            converted = {"value": _gradient(entry["value"], f"{what}[{i}]", problems)}
+            if entry.get("filter") is not None:
+                converted = {"filter": entry["filter"], **converted}
+            entries.append(converted)
+        return entries
+    return _gradient(value, what, problems)
+
+
+def _falls_back(value: Any, fallback: Any) -> Any:
+    """`value`, and where it is a filter list, `fallback` for the tensors it leaves
+    unmatched: mergekit then reads the next scope (global after per-model) or the default."""
+    if not isinstance(value, list) or fallback is None:
+        return fallback if value is None else value
+    more = fallback if isinstance(fallback, list) else [{"value": fallback}]
+    return [*value, *more]
+
+
+def _varies(value: Any) -> bool:
+    return isinstance(value, list | Mapping)
 
 
 def _parameters(value: Any, what: str, problems: list[str]) -> Mapping[str, Any]:
@@ -105,8 +144,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _numeric(value: Any) -> bool:
+    """Whether every value of a translated setting is a number (schedules always are)."""
+    if isinstance(value, list):
+        return all(_numeric(entry.get("value")) for entry in value)
+    return isinstance(value, Mapping) or _is_number(value)
+
+
 def _one_value(values: list[Any], name: str, method: str, problems: list[str]) -> Any:
-    distinct = list(dict.fromkeys(values))
+    distinct = list({repr(v): v for v in values}.values())
     if len(distinct) > 1:
         problems.append(
             f"per-model `{name}` that differs between models ({', '.join(map(str, values))}): "
@@ -175,7 +221,9 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
         entries.append((_model_path(entry["model"], base, problems), params))
 
     recipe: dict[str, Any] = {}
-    if spec is not None:
+    if spec is not None and data.get("slices") is not None:
+        recipe = _slices(data, str(merge_method), spec, base, glob, extras, problems)
+    elif spec is not None:
         recipe = _translate(str(merge_method), spec, base, glob, entries, extras, problems)
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None:
@@ -238,29 +286,36 @@ def _translate(
         f"'{key}' = {value!r}{where}"
         for params, where in [(glob, ""), *((p, f" of model {path}") for path, p in entries)]
         for key, value in params.items()
-        if key in _NUMBERS and value is not None and not _is_number(value)
+        if key in _NUMBERS and value is not None and not _numeric(value)
     ]
     if wrong:
         problems.append(f"parameters that must be numbers: {', '.join(wrong)}")
         return {}
 
     def per_model(name: str) -> list[Any]:
-        return [params.get(name, glob.get(name)) for _, params in entries]
+        return [_falls_back(params.get(name), glob.get(name)) for _, params in entries]
+
+    problems += [
+        f"a gradient or filter list for `{key}` (nanmerge takes one value)"
+        for key in ("normalize", "rescale", "int8_mask")
+        if _varies(glob.get(key))
+    ]
 
     parameters: dict[str, Any] = {}
     if spec.density:
-        densities = [1.0 if d is None else d for d in per_model("density")]  # mergekit's 1.0
+        densities = [_falls_back(d, 1.0) for d in per_model("density")]  # mergekit's 1.0
         parameters["density"] = _one_value(densities, "density", merge_method, problems)
     if spec.gamma:
-        gammas = [0.01 if g is None else g for g in per_model("gamma")]
+        gammas = [_falls_back(g, 0.01) for g in per_model("gamma")]
         gamma = _one_value(gammas, "gamma", merge_method, problems)
-        if gamma + parameters["density"] > 1:
+        fixed = not _varies(gamma) and not _varies(parameters["density"])
+        if fixed and gamma + parameters["density"] > 1:
             gamma = max(
                 0.0, 1.0 - parameters["density"]
             )  # mergekit drops fewer outliers when they overlap
         parameters["gamma"] = gamma
     if spec.task_vectors:
-        parameters["scale"] = glob.get("lambda", 1.0)
+        parameters["scale"] = _falls_back(glob.get("lambda"), 1.0)
     if merge_method == "slerp":
         if glob.get("t") is None:
             problems.append("slerp without a global `t` (mergekit requires it)")
@@ -282,19 +337,26 @@ def _translate(
     if merge_method == "slerp" and given:
         problems.append("per-model `weight` on slerp (mergekit's slerp takes only `t`)")
     elif estimated:
-        if len(set(given)) > 1:
+        if len({repr(w) for w in given}) > 1 or any(_varies(w) for w in given):
             problems.append(
                 "per-model `weight` that differs between models together with `coefficients` "
                 "(the estimator sets the weights; remove one of them)"
             )
         elif normalize and spec.task_vectors and not spec.consensus:
             problems.append(f"normalize: true on {merge_method} together with `coefficients`")
+        elif given and _varies(parameters["scale"]) and spec.task_vectors:
+            problems.append("a per-model `weight` with a varying `lambda` and `coefficients`")
         elif given and spec.task_vectors and not (spec.consensus and normalize):
             # One shared weight is a common scale; where mergekit normalizes, it cancels.
             parameters["scale"] = parameters["scale"] * given[0]
     elif given and len(given) != len(weights):
         missing = [str(path) for (path, _), w in zip(entries, weights, strict=True) if w is None]
         problems.append(f"`weight` missing on model(s) {', '.join(missing)} (mergekit needs it)")
+    elif normalize and spec.task_vectors and not spec.consensus and any(map(_varies, given)):
+        problems.append(
+            f"normalize: true with varying per-model `weight` on {merge_method} (mergekit "
+            "divides by the weights' sum tensor by tensor; set normalize: false or use ties)"
+        )
     elif given:
         if normalize and spec.task_vectors and not spec.consensus:
             total = sum(given)  # mergekit divides the weighted sum by this (unless ~0)
@@ -303,3 +365,82 @@ def _translate(
             model["coefficient"] = weight
         recipe["coefficients"] = "manual"
     return {**recipe, "models": models}
+
+
+def _slice_sources(
+    piece: Any, where: str, base: Any, problems: list[str]
+) -> list[tuple[Any, dict[str, Any], list[int]]]:
+    """A mergekit slice's sources as (path, parameters, layer range)."""
+    if not isinstance(piece, Mapping) or not isinstance(piece.get("sources"), list):
+        problems.append(f"{where} is not a mapping with a `sources` list")
+        return []
+    unknown = sorted(set(piece) - {"sources", "parameters"})
+    if unknown:
+        problems.append(f"{where} fields {', '.join(unknown)}")
+    sources = []
+    for j, src in enumerate(piece["sources"]):
+        span = src.get("layer_range") if isinstance(src, Mapping) else None
+        if not isinstance(span, list | tuple) or len(span) != 2 or "model" not in src:
+            problems.append(f"{where}.sources[{j}] is not {{model, layer_range: [first, end]}}")
+            continue
+        extra = sorted(set(src) - {"model", "layer_range", "parameters"})
+        if extra:
+            problems.append(f"{where}.sources[{j}] fields {', '.join(extra)}")
+        params = _parameters(src.get("parameters"), f"parameters of {where}.sources[{j}]", problems)
+        what = f"of {where}.sources[{j}]"
+        scalars = {k: _scalar(v, f"'{k}' {what}", problems) for k, v in params.items()}
+        sources.append((_model_path(src["model"], base, problems), scalars, list(span)))
+    return sources
+
+
+def _slices(
+    data: Mapping[str, Any],
+    merge_method: str,
+    spec: _Method,
+    base: Any,
+    glob: dict[str, Any],
+    extras: dict[str, Any],
+    problems: list[str],
+) -> dict[str, Any]:
+    """mergekit's `slices` as nanmerge slices: each slice translated as a merge of its
+    sources (mergekit's per-model `weight` becomes the source's `coefficient`)."""
+    if data.get("models") is not None:
+        problems.append("both `models` and `slices` (mergekit takes exactly one of them)")
+    slices = data["slices"] if isinstance(data["slices"], list) else []
+    out = []
+    for i, piece in enumerate(slices):
+        sources = _slice_sources(piece, f"slices[{i}]", base, problems)
+        spans = {path: span for path, _, span in sources}
+        if len(sources) < len(piece.get("sources", [])):
+            continue  # a malformed source is reported; merging the rest would add follow-ons
+        if len(spans) < len(sources):
+            problems.append(f"slices[{i}] lists one model twice (nanmerge names sources by model)")
+            continue
+        own = _parameters(piece.get("parameters"), f"parameters of slices[{i}]", problems)
+        entries = [(path, params) for path, params, _ in sources]
+        scope = {
+            **glob,
+            **{k: _scalar(v, f"'{k}' of slices[{i}]", problems) for k, v in own.items()},
+        }
+        merged = _translate(merge_method, spec, base, scope, entries, extras, problems)
+        if not merged:
+            continue
+        kept = [m["path"] for m in merged["models"]]
+        if spec.task_vectors and base in spans and spans[base] != spans[kept[0]]:
+            problems.append(
+                f"slices[{i}]: base_model's layer_range {spans[base]} differs from its models' "
+                f"{spans[kept[0]]} (nanmerge takes the base's layers where the models' are)"
+            )
+        out.append(
+            {
+                "sources": [
+                    {"model": m["path"], "layers": spans[m["path"]]}
+                    | ({"coefficient": m["coefficient"]} if "coefficient" in m else {})
+                    for m in merged["models"]
+                ],
+                "parameters": merged["parameters"],
+            }
+        )
+    if not slices:
+        problems.append("`slices` is not a list of {sources: [...]} (mergekit's slices)")
+    return {"method": spec.name, "base": base, "slices": out}
