@@ -583,3 +583,28 @@ def test_gradient_slerp_runs_with_each_tensors_t(tmp_path: Path) -> None:
         theta = math.acos(cos)
         expected = (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
         torch.testing.assert_close(merged[name], expected.float(), msg=name)
+
+
+def test_gradient_slerp_as_published_in_slices_form_equals_its_models_form(
+    tmp_path: Path,
+) -> None:
+    """mergekit's example file, unchanged but for the model paths: one slice over every layer
+    is the whole output, so its gradients run over the output's layers."""
+    shapes = {n: (4,) if n.endswith("norm.weight") else (4, 3) for n in SLERP_NAMES}
+    family = build_family(tmp_path / "in", m=2, shapes=shapes, delta_scales=(1.0, 0.0))
+    family.model_tensors = family.model_tensors[:1]
+    (tmp_path / "models").mkdir()
+    by_models = run_mergekit_yaml(tmp_path / "models", gradient_slerp_models_form(), family)
+    data = yaml.safe_load(GRADIENT_SLERP_YML)
+    paths = {"psmathur/orca_mini_v3_13b": str(family.base)}
+    paths["garage-bAInd/Platypus2-13B"] = str(family.models[0])
+    for source in data["slices"][0]["sources"]:
+        source["model"], source["layer_range"] = paths[source["model"]], [0, SLERP_LAYERS]
+    data |= {"base_model": str(family.base), "dtype": "float32", "output": str(tmp_path / "s")}
+    (tmp_path / "slices.yml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "slices.yml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    by_slices = load_file(tmp_path / "s" / "model.safetensors")
+    assert by_slices.keys() == by_models.keys()
+    for name, tensor in by_models.items():
+        assert torch.equal(by_slices[name], tensor), name

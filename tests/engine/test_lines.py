@@ -119,3 +119,15 @@ def test_lines_on_names_without_layers_is_refused_naming_a_tensor(tmp_path: Path
     assert "no tensor name has a layer nanmerge can read (e.g. 'encoder.weight')" in _problems(
         recipe
     )
+
+
+def test_lines_with_slices_is_refused(llama: dict[str, Any]) -> None:
+    base, ft = llama["recipe"]["base"], llama["recipe"]["models"][0]
+    recipe = {
+        "base": base,
+        "models": [ft],
+        "method": "task_arithmetic",
+        "slices": [{"sources": [{"model": ft, "layers": [0, 4]}]}],
+        "lines": {"beta": 0.5},
+    }
+    assert "LiNeS with `slices` is not supported yet" in _problems(recipe)

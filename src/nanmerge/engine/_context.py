@@ -111,6 +111,11 @@ def lines_problems(
             f"lines: LiNeS scales a task-vector method's merged delta by depth; method "
             f"'{method.name}' has no base and `scale` to scale: use it with a method that has"
         )
+    if recipe.slices is not None:
+        problems.append(
+            "lines: LiNeS with `slices` is not supported yet (each slice would need its own "
+            "alpha); merge the slices first, then apply LiNeS to a `models:` recipe"
+        )
     if SCALE in recipe.parameters:
         problems.append(
             "lines: LiNeS sets the scale per layer (alpha + beta * l / (L - 1)); remove "

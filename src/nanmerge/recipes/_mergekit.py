@@ -443,4 +443,9 @@ def _slices(
         )
     if not slices:
         problems.append("`slices` is not a list of {sources: [...]} (mergekit's slices)")
-    return {"method": spec.name, "base": base, "slices": out}
+    recipe: dict[str, Any] = {"method": spec.name, "base": base, "slices": out}
+    if len(out) == 1:
+        # One slice is the whole output, so mergekit's gradients over the slice's layers are
+        # nanmerge's over the output's: its parameters are the recipe's, and may vary.
+        recipe["parameters"] = out[0].pop("parameters")
+    return recipe
