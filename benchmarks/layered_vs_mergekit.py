@@ -1,9 +1,12 @@
-"""nanmerge against mergekit on mergekit's examples/gradient-slerp.yml, float32 inputs.
+"""nanmerge against mergekit on layer-aware recipes, float32 inputs: mergekit's
+examples/gradient-slerp.yml (as published, `--form slices`, or in `models:` form) and a
+passthrough frankenmerge in the form of examples/orcamini-platy-44layer.yml
+(`--form frankenmerge`: layers [0, 3) of one model, then [1, 5) of the other).
 
 Builds two tiny random Llama checkpoints, merges them with mergekit (`mergekit-yaml`, from
 the environment named by MERGEKIT_BIN, default /tmp/mk/bin) and with `nanmerge run`, and
 prints the largest absolute difference per tensor group. Never a test dependency:
-`python benchmarks/gradient_slerp_vs_mergekit.py [--form slices|models]`.
+`python benchmarks/layered_vs_mergekit.py [--form slices|models|frankenmerge]`.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ def write_llama(folder: Path, seed: int) -> None:
 
 
 def recipe(a: Path, b: Path, form: str) -> dict[str, object]:
+    if form == "frankenmerge":
+        slices = [
+            {"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(b), "layer_range": [1, LAYERS]}]},
+        ]
+        return {"slices": slices, "merge_method": "passthrough", "dtype": "float32"}
     if form == "slices":
         sources = [{"model": str(m), "layer_range": [0, LAYERS]} for m in (a, b)]
         inputs: dict[str, object] = {"slices": [{"sources": sources}]}
@@ -81,7 +90,7 @@ def recipe(a: Path, b: Path, form: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--form", choices=["slices", "models"], default="models")
+    parser.add_argument("--form", choices=["slices", "models", "frankenmerge"], default="models")
     parser.add_argument(
         "--plain-gradient",
         action="store_true",
@@ -117,6 +126,9 @@ def main() -> None:
         for shard in (root / "mk").glob("*.safetensors"):
             theirs |= load_file(shard)
         ours = load_file(root / "nm" / "model.safetensors")
+        if ours.keys() != theirs.keys():
+            print(f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:8]}")
+            return
         worst = max((float((ours[n] - theirs[n]).abs().max()), n) for n in ours)
         groups: dict[str, float] = {}
         for name in ours:
