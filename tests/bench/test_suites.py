@@ -17,7 +17,7 @@ from nanmerge.bench import run_suite
 from nanmerge.bench._data_informed import ADAMERGING, ADAMERGING_SCALE
 from nanmerge.bench._digits import SCENARIOS
 from nanmerge.bench._lsq import FAMILIES
-from nanmerge.bench._merging import COEFFICIENTS, PAIR_LABEL
+from nanmerge.bench._merging import COEFFICIENTS, LINES, LINES_METHODS, PAIR_LABEL
 from nanmerge.bench._report import _tick_label
 from nanmerge.bench._run import collect
 
@@ -99,6 +99,19 @@ def test_digits_reports_every_registered_method_per_scenario(
         assert (scenario, "pretrained", "-", "-") in keys
         assert (scenario, "fine-tuned (individual)", "-", "-") in keys
     assert all(0.0 <= r["avg_acc"] <= 1.0 for r in result["rows"])
+
+
+def test_digits_reports_lines_rows_with_beta_chosen_on_validation(
+    digits: tuple[dict[str, Any], Path],
+) -> None:
+    result, _ = digits
+    keys = _keys(result)
+    for scenario in SCENARIOS:
+        for method in LINES_METHODS:
+            for coef in COEFFICIENTS:
+                assert (scenario, method + LINES, coef, "best") in keys
+    chosen = {r["scale"] for r in result["rows"] if r["method"].endswith(LINES)}
+    assert chosen == {0.5}  # the tiny size's one-point beta grid
 
 
 def test_digits_reports_adamerging_rows_per_scenario(

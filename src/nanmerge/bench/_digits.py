@@ -28,10 +28,13 @@ from nanmerge.bench._digits_data import SCENARIOS, SIZES, DigitsSize, Eval
 from nanmerge.bench._digits_model import WithHead, accuracies
 from nanmerge.bench._evaluate import problem_info
 from nanmerge.bench._merging import (
+    COEFFICIENTS,
+    LINES_METHODS,
     NAN_VARIANTS,
     ORACLE,
     PAIR_LABEL,
     State,
+    lines_sweep,
     sweep,
     sweep_size,
 )
@@ -90,6 +93,14 @@ def run_seed(
             problem.models,
             methods,
             size.scale_grid,
+            seed,
+            _scorer(size, problem, problem.val, problem.models.names, METRIC),
+            _scorer(size, problem, problem.test, problem.models.names, None),
+            bar,
+        )
+        scenario_rows += lines_sweep(
+            problem.models,
+            size.beta_grid,
             seed,
             _scorer(size, problem, problem.val, problem.models.names, METRIC),
             _scorer(size, problem, problem.test, problem.models.names, None),
@@ -206,7 +217,8 @@ def work_per_seed(size: DigitsSize) -> int:
     merges = sweep_size(merge_methods(size.tasks), size.scale_grid) + sweep_size(
         [m for m in pairs if m not in merge_methods(size.tasks)], size.scale_grid
     )
-    return len(SCENARIOS) * (size.tasks + merges + _data_informed.work())
+    lines = len(LINES_METHODS) * len(COEFFICIENTS) * len(size.beta_grid)
+    return len(SCENARIOS) * (size.tasks + merges + lines + _data_informed.work())
 
 
 def control_note(premise: list[dict[str, Any]], diffs: list[dict[str, Any]]) -> list[str]:

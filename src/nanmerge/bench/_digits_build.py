@@ -47,8 +47,10 @@ def build(size: DigitsSize, scenario: str, seed: int, cache_dir: Path, bar: tqdm
     sizes = data_sizes(size, scenario, seed)
     steps = step_counts(size, scenario, sizes)
 
-    # The scale grid only affects merging, so it stays out of the checkpoints' cache key.
-    settings = {**asdict(size), "seed": seed, "scale_grid": None}
+    # The scale and beta grids only affect merging, so they stay out of the checkpoints'
+    # cache key (which predates the beta grid: it is left out, not set to None).
+    fields = {k: v for k, v in asdict(size).items() if k != "beta_grid"}
+    settings = {**fields, "seed": seed, "scale_grid": None}
     base_path = (
         cache_folder(cache_dir, "digits", {**settings, "part": "pretrain"}) / "base.safetensors"
     )

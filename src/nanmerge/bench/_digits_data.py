@@ -27,13 +27,15 @@ class DigitsSize:
     n_max: int
     noisy_fraction: float
     scale_grid: tuple[float, ...]
+    # LiNeS's beta, tuned on validation (the paper searches it on a grid too)
+    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
 
 
 _FULL = DigitsSize(
     8, 256, 1500, 300, 200, 32, 1e-4, 25, 780, 0.5, (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
 )
 SIZES = {
-    "tiny": DigitsSize(6, 32, 60, 15, 30, 32, 1e-3, 20, 320, 0.5, ()),
+    "tiny": DigitsSize(6, 32, 60, 15, 30, 32, 1e-3, 20, 320, 0.5, (), (0.5,)),
     # the full models (seed 0 checkpoints are shared with `full`), a coarser scale grid
     "demo": replace(_FULL, scale_grid=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
     "full": _FULL,

@@ -21,6 +21,9 @@ UNIFORM = "uniform"
 ORACLE = "oracle n_i"
 # Suffix of a two-model method's label (slerp): its scores cover those two tasks only.
 PAIR_LABEL = "(2 tasks: fewest & most data, scored on those 2)"
+# LiNeS rows: these methods with `lines`, labelled method + LINES, their beta tuned.
+LINES = " + LiNeS"
+LINES_METHODS = ("task_arithmetic", "ties")
 
 
 def _nan(norm_of: str, granularity: str) -> dict[str, str]:
@@ -45,7 +48,12 @@ Scores = dict[str, float]
 
 
 def recipe(
-    models: ModelSet, method: str, coefficients: str, params: Mapping[str, Any], seed: int
+    models: ModelSet,
+    method: str,
+    coefficients: str,
+    params: Mapping[str, Any],
+    seed: int,
+    lines: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The recipe dict a user would write; the oracle uses manual weights n_i / mean n."""
     entries: list[dict[str, Any]] = [{"path": str(p)} for p in models.models]
@@ -62,14 +70,20 @@ def recipe(
         "parameters": dict(params),
         "coefficients": coef_spec,
         "seed": seed,
+        **({} if lines is None else {"lines": dict(lines)}),
     }
 
 
 def merge_state(
-    models: ModelSet, method: str, coefficients: str, params: Mapping[str, Any], seed: int
+    models: ModelSet,
+    method: str,
+    coefficients: str,
+    params: Mapping[str, Any],
+    seed: int,
+    lines: Mapping[str, float] | None = None,
 ) -> State:
     """The merged state dict, in memory: a recipe without `output` writes nothing."""
-    result = nanmerge.merge(recipe(models, method, coefficients, params, seed))
+    result = nanmerge.merge(recipe(models, method, coefficients, params, seed, lines))
     return {k: v for k, v in result.items()}
 
 
@@ -118,6 +132,31 @@ def sweep(
             best = max(scored, key=lambda s: s[1])
             rows.append(_row(method, coef, "default", *at_default))
             rows.append(_row(method, coef, "best", *best))
+    return rows
+
+
+def lines_sweep(
+    models: ModelSet,
+    beta_grid: Sequence[float],
+    seed: int,
+    validate: Callable[[State], float],
+    test: Callable[[State], Scores],
+    bar: tqdm | None = None,
+) -> list[dict[str, Any]]:
+    """LiNeS on top of task arithmetic and TIES, with the paper's multi-task alpha and the
+    beta chosen on validation for every coefficient variant alike (the fairness rule, with
+    beta as the tuned knob in place of the scale it replaces)."""
+    rows: list[dict[str, Any]] = []
+    for method in LINES_METHODS:
+        params = {k: v for k, v in method_params(method).items() if k != "scale"}
+        for coef in COEFFICIENTS:
+            scored: list[tuple[float, float, Scores]] = []
+            for beta in beta_grid:
+                state = merge_state(models, method, coef, params, seed, lines={"beta": beta})
+                scored.append((beta, validate(state), test(state)))
+                _tick(bar)
+            best = max(scored, key=lambda s: s[1])
+            rows.append(_row(method + LINES, coef, "best", *best))
     return rows
 
 

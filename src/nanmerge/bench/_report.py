@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from nanmerge.bench._evaluate import mean_std
-from nanmerge.bench._merging import COEFFICIENTS, NAN_VARIANTS, ORACLE, PAIR_LABEL
+from nanmerge.bench._merging import COEFFICIENTS, LINES, NAN_VARIANTS, ORACLE, PAIR_LABEL
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -51,7 +51,7 @@ def _method_label(method: str, scale_mode: str, scales: Sequence[float]) -> str:
     if scale_mode == "default":
         return f"{method} (default scale {scales[0]:g})" if scales else method
     if scale_mode == "best":
-        return f"{method} (best scale on val)"
+        return f"{method} (best {'beta' if method.endswith(LINES) else 'scale'} on val)"
     return method
 
 
