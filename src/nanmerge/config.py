@@ -451,8 +451,12 @@ def load_recipe(source: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
     try:
         return Recipe.model_validate(dict(data))
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        errors = exc.errors()
+        if "models" not in data and any(e["loc"][:1] == ("slices",) for e in errors):
+            # `models` defaults to the slices' sources: a broken slice is the one cause
+            errors = [e for e in errors if e["loc"][:1] != ("models",)]
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         fields = ", ".join(Recipe.model_fields)
         raise MergeError(
-            f"{where} has {exc.error_count()} error(s):\n{lines}\nvalid fields: {fields}"
+            f"{where} has {len(errors)} error(s):\n{lines}\nvalid fields: {fields}"
         ) from None

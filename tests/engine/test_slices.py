@@ -193,3 +193,9 @@ def test_a_passthrough_slice_with_two_sources_is_one_error(pair: Pair) -> None:
     message = str(info.value)
     assert "1 problem(s)" in message
     assert "slices[0] (2 source(s)): method 'passthrough' needs exactly 1 models" in message
+
+
+def test_a_slice_without_sources_is_one_error_not_a_missing_models_one_too() -> None:
+    with pytest.raises(MergeError) as caught:
+        nanmerge.load_recipe({"slices": [{"method": "passthrough"}], "output": "o"})
+    assert "has 1 error(s)" in str(caught.value) and "slices.0.sources" in str(caught.value)
