@@ -1,12 +1,14 @@
 """nanmerge against mergekit on layer-aware recipes, float32 inputs: mergekit's
 examples/gradient-slerp.yml (as published, `--form slices`, or in `models:` form) and a
 passthrough frankenmerge in the form of examples/orcamini-platy-44layer.yml
-(`--form frankenmerge`: layers [0, 3) of one model, then [1, 5) of the other).
+(`--form frankenmerge`: layers [0, 3) of one model, then [1, 5) of the other), and the
+gradient-slerp parameters over two slices, [0, 3) and [3, 5) (`--form gradient-slices`:
+mergekit counts each slice's depth from 0).
 
 Builds two tiny random Llama checkpoints, merges them with mergekit (`mergekit-yaml`, from
 the environment named by MERGEKIT_BIN, default /tmp/mk/bin) and with `nanmerge run`, and
 prints the largest absolute difference per tensor group. Never a test dependency:
-`python benchmarks/layered_vs_mergekit.py [--form slices|models|frankenmerge]`.
+`python benchmarks/layered_vs_mergekit.py [--form slices|models|frankenmerge|gradient-slices]`.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def write_llama(folder: Path, seed: int) -> None:
 
 
 def recipe(a: Path, b: Path, form: str) -> dict[str, object]:
+    if form == "gradient-slices":  # two slices, each with its own depth for the gradient
+        spans = [[0, 3], [3, LAYERS]]
+        slices = [
+            {"sources": [{"model": str(m), "layer_range": span} for m in (a, b)]} for span in spans
+        ]
+        return {"slices": slices, "base_model": str(a), **EXAMPLE}
     if form == "frankenmerge":
         slices = [
             {"sources": [{"model": str(a), "layer_range": [0, 3]}]},
@@ -90,7 +98,9 @@ def recipe(a: Path, b: Path, form: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--form", choices=["slices", "models", "frankenmerge"], default="models")
+    parser.add_argument(
+        "--form", choices=["slices", "models", "frankenmerge", "gradient-slices"], default="models"
+    )
     parser.add_argument(
         "--plain-gradient",
         action="store_true",

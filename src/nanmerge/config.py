@@ -79,6 +79,14 @@ def _check_scalars(values: Mapping[str, Any], what: str) -> None:
         raise ValueError(f"{what} must be single numbers, strings or booleans: {', '.join(bad)}")
 
 
+def _parameters(value: dict[str, Any]) -> dict[str, Any]:
+    """Method parameters: single values, or values that vary by layer, role or name."""
+    _check_scalars({k: v for k, v in value.items() if not varies(v)}, "method parameters")
+    for key, v in value.items():
+        _setting(v, key)
+    return value
+
+
 def _setting(value: Any, where: str) -> Any:
     """A value that may vary over the model (a schedule or a filter list), checked as such."""
     problems: list[str] = []
@@ -151,8 +159,7 @@ class Slice(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_scalars(value, "method parameters")
-        return value
+        return _parameters(value)
 
     @model_validator(mode="after")
     def _equal_lengths(self) -> Slice:
@@ -269,10 +276,7 @@ class Recipe(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_scalars({k: v for k, v in value.items() if not varies(v)}, "method parameters")
-        for key, v in value.items():
-            _setting(v, key)
-        return value
+        return _parameters(value)
 
     @model_validator(mode="before")
     @classmethod

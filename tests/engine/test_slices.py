@@ -199,3 +199,25 @@ def test_a_slice_without_sources_is_one_error_not_a_missing_models_one_too() -> 
     with pytest.raises(MergeError) as caught:
         nanmerge.load_recipe({"slices": [{"method": "passthrough"}], "output": "o"})
     assert "has 1 error(s)" in str(caught.value) and "slices.0.sources" in str(caught.value)
+
+
+def test_a_schedule_runs_over_each_slices_own_layers(pair: Pair, tmp_path: Path) -> None:
+    """As mergekit counts depth: layer i of a slice of n layers sits at i / (n - 1), whatever
+    the slice's place in the output; tensors outside the blocks take the first value."""
+    a, b, _, _ = pair
+    halves = [[0, 2], [2, 4]]
+    recipe = {
+        "base": str(a),
+        "method": "slerp",
+        "parameters": {"t": {"schedule": [0.2, 0.8]}},
+        "slices": [
+            {"sources": [{"model": str(m), "layers": span} for m in (a, b)]} for span in halves
+        ],
+        "output": str(tmp_path / "out"),
+    }
+    report = nanmerge.merge(recipe)
+    assert isinstance(report, dict)
+    values = report["method"]["per_tensor"]
+    for layer, t in [(0, 0.2), (1, 0.8), (2, 0.2), (3, 0.8)]:
+        assert values[f"model.layers.{layer}.mlp.up_proj.weight"]["t"] == pytest.approx(t)
+    assert values["model.embed_tokens.weight"]["t"] == pytest.approx(0.2)

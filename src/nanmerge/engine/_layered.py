@@ -123,20 +123,7 @@ def layer_values(
     tensors = [c for name, c in contexts.items() if name in merged]
     if spec is None or not tensors:
         return LayerValues()
-    varying = _settings(recipe.parameters, "")
-    per_param = {
-        name: _resolve(f"parameters.{name}", s, tensors, problems) for name, s in varying.items()
-    }
-    params = {
-        c.name: {name: v[c.name] for name, v in per_param.items() if c.name in v} for c in tensors
-    }
-    constants = {k: v for k, v in recipe.parameters.items() if k not in varying}
-    combos = {tuple(sorted(p.items())): name for name, p in params.items() if p}
-    for combo, name in combos.items():
-        problems += [
-            f"{p} (at tensor '{name}' and others with these values)"
-            for p in check_params(spec, {**constants, **dict(combo)})
-        ]
+    params = {} if recipe.slices else param_values(recipe.parameters, spec, tensors, problems)
     multipliers: dict[str, tuple[float, ...]] = {}
     coefficient = _coefficient_settings(recipe)
     if coefficient:
@@ -151,6 +138,32 @@ def layer_values(
             if any(f != 1.0 for f in row):  # a factor of one changes nothing: not reported
                 multipliers[c.name] = row
     return LayerValues({n: p for n, p in params.items() if p}, multipliers)
+
+
+def param_values(
+    parameters: Mapping[str, Any],
+    spec: MethodSpec,
+    tensors: list[TensorContext],
+    problems: list[str],
+    where: str = "parameters",
+) -> dict[str, dict[str, Any]]:
+    """Each tensor's value of every varying parameter, checked with the constants wherever
+    a rule ties parameters together (once per distinct combination)."""
+    varying = _settings(parameters, "")
+    per_param = {
+        name: _resolve(f"{where}.{name}", s, tensors, problems) for name, s in varying.items()
+    }
+    params = {
+        c.name: {name: v[c.name] for name, v in per_param.items() if c.name in v} for c in tensors
+    }
+    constants = {k: v for k, v in parameters.items() if k not in varying}
+    combos = {tuple(sorted(p.items())): name for name, p in params.items() if p}
+    for combo, name in combos.items():
+        problems += [
+            f"{p} (at tensor '{name}' and others with these values)"
+            for p in check_params(spec, {**constants, **dict(combo)})
+        ]
+    return {n: p for n, p in params.items() if p}
 
 
 def with_multipliers(coefficients: Coefficients, layered: LayerValues) -> Coefficients:

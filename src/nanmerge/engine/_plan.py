@@ -14,7 +14,7 @@ from nanmerge._types import Checkpoint, MergeError, TensorContext, TensorMeta
 from nanmerge.coefficients import EstimatorSpec
 from nanmerge.config import Recipe
 from nanmerge.engine._context import config_layers, lines_problems, tensor_contexts
-from nanmerge.engine._layered import LayerValues, layer_values
+from nanmerge.engine._layered import LayerValues, layer_values, param_values
 from nanmerge.engine._recipe import (
     check_shard_size,
     fail,
@@ -335,6 +335,12 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
             )
             problems += lines_problems(recipe, method, contexts)
             layered = layer_values(recipe, method, contexts, merged, problems)
+            # each slice's own depth (none without slices, or when the layout failed)
+            depth = zip(resolved, sliced.depth, strict=False)
+            for i, ((spec, params), placed) in enumerate(depth):
+                layered.params.update(
+                    param_values(params, spec, placed, problems, f"slices[{i}].parameters")
+                )
         fail(problems)
     except BaseException:
         for ckpt in opened:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanmerge._schedule import varies
 from nanmerge._types import MergeError
 from nanmerge.coefficients import RecipeFacts, check_options, get_estimator
 from nanmerge.config import Recipe
@@ -79,13 +78,6 @@ def resolve_slices(recipe: Recipe, problems: list[str]) -> list[tuple[MethodSpec
             problems.append(f"slices[{i}]: {exc}")
             continue
         found = parameter_problems(spec, params)
-        varying = sorted(k for k, v in params.items() if varies(v))
-        if varying and len(recipe.slices or []) > 1:
-            found.append(
-                f"{', '.join(varying)} vary by layer in a recipe of several slices; mergekit "
-                "counts depth within each slice, which nanmerge does not yet: give each slice "
-                "constant values, or merge with one slice"
-            )
         found += _input_problems(spec, len(piece.sources), recipe.base is not None)
         if spec.collect is not None or spec.statistics:
             found.append(f"method '{name}' reads whole-model statistics, which slices do not have")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanmerge._types import Checkpoint, TensorMeta, TensorNorms
+from nanmerge._types import Checkpoint, TensorContext, TensorMeta, TensorNorms
 from nanmerge.config import Recipe, Slice
 from nanmerge.engine._context import _CONFIG_KEYS, split_layer, tensor_contexts
 from nanmerge.methods import MethodSpec
@@ -77,6 +77,9 @@ class SliceLayout:
     routes: dict[str, Route] = field(default_factory=dict)
     num_layers: int = 0
     warnings: list[str] = field(default_factory=list)
+    # per slice, its output tensors placed within the slice: a schedule runs over the
+    # slice's own layers, as mergekit counts depth within each slice
+    depth: list[list[TensorContext]] = field(default_factory=list)
 
 
 def _layers(ckpt: Checkpoint, label: str, problems: list[str]) -> _Layers | None:
@@ -202,8 +205,13 @@ def slice_layout(
         piece, spec = (slices[0], resolved[0]) if at_start else (slices[-1], resolved[-1])
         route = _route(spec, piece, index, [name] * len(piece.sources))
         (pre if at_start else post).append((name, route))
+    layout.depth = [[] for _ in slices]
+    for name, _ in pre:
+        layout.depth[0].append(roles[name])
+    for name, _ in post:
+        layout.depth[-1].append(roles[name])
     stacked: list[tuple[str, Route]] = []
-    for spec, piece in zip(resolved, slices, strict=True):
+    for k, (spec, piece) in enumerate(zip(resolved, slices, strict=True)):
         sources = [layers[index[s.model]] for s in piece.sources]
         for offset in range(piece.length):
             at = [s.layers[0] + offset for s in piece.sources]
@@ -221,6 +229,11 @@ def slice_layout(
                     ),
                 )
                 for rest in rests
+            ]
+            outs = [f"{first.prefix}{layout.num_layers}{rest}" for rest in rests]
+            roles_here = tensor_contexts(outs)
+            layout.depth[k] += [
+                TensorContext(out, offset, piece.length, roles_here[out].role) for out in outs
             ]
             layout.num_layers += 1
     disagreeing: list[str] = []
