@@ -18,6 +18,7 @@ ALLOWED = {
     # "did you mean": shared by methods, estimators and the recipe model.
     "_params": set(),
     "_schedule": {"_types"},
+    "_yaml": {"_types"},
     "methods": {"_types", "_params", "methods"},
     "coefficients": {"_types", "_params", "coefficients"},
     "io": {"_types", "io"},
@@ -32,10 +33,11 @@ ALLOWED = {
         "engine",
     },
     "recipes": {"_types", "recipes"},
-    "config": {"_types", "_params", "_schedule", "config", "recipes"},
+    "config": {"_types", "_params", "_schedule", "_yaml", "config", "recipes"},
     "learn": {"_types", "coefficients", "learn"},
     "cli": {
         "_types",
+        "_yaml",
         "config",
         "engine",
         "cli",

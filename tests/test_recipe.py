@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import nanmerge
 from nanmerge import MergeError, load_recipe
-from nanmerge.config import MAX_ALIAS_NODES, yaml_value
+from nanmerge._yaml import MAX_ALIAS_NODES, yaml_value
 from tests.conftest import Family
 
 # Nine levels of nine aliases: 9**9 (387 million) leaves once expanded, under 1 KB as text.

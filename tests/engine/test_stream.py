@@ -15,7 +15,7 @@ import nanmerge
 from nanmerge._types import MergeError
 from nanmerge.coefficients import _norms
 from nanmerge.engine import _stream
-from nanmerge.engine._stream import _BackgroundSink
+from nanmerge.engine._threads import BackgroundSink
 from nanmerge.methods import _sparsify, tensor_generator
 from tests.conftest import Family, build_family
 
@@ -67,7 +67,7 @@ def test_threads_give_bitwise_the_same_files_as_the_sequential_stream(
 
 def test_the_background_writer_writes_in_order_from_one_thread() -> None:
     seen: list[tuple[str, str]] = []
-    with _BackgroundSink(lambda n, t: seen.append((n, threading.current_thread().name))) as write:
+    with BackgroundSink(lambda n, t: seen.append((n, threading.current_thread().name))) as write:
         for i in range(20):
             write(f"t{i}", torch.full((3,), float(i)))
     assert [n for n, _ in seen] == [f"t{i}" for i in range(20)]
@@ -82,7 +82,7 @@ def test_a_failing_write_is_raised_in_the_merging_thread_and_stops_the_writer() 
             raise MergeError("disk full")
         written.append(name)
 
-    with pytest.raises(MergeError, match="disk full"), _BackgroundSink(sink) as write:
+    with pytest.raises(MergeError, match="disk full"), BackgroundSink(sink) as write:
         for i in range(50):
             write(f"t{i}", torch.zeros(2))
     assert written == ["t0", "t1"]
@@ -90,14 +90,14 @@ def test_a_failing_write_is_raised_in_the_merging_thread_and_stops_the_writer() 
 
 def test_an_error_while_merging_leaves_queued_tensors_unwritten() -> None:
     written: list[str] = []
-    sinks: list[_BackgroundSink] = []
+    sinks: list[BackgroundSink] = []
 
     def sink(name: str, tensor: torch.Tensor) -> None:
         while not sinks[0]._abandoned:  # the write in progress outlasts the caller's error
             time.sleep(0.001)
         written.append(name)
 
-    with pytest.raises(RuntimeError, match="merge failed"), _BackgroundSink(sink) as write:
+    with pytest.raises(RuntimeError, match="merge failed"), BackgroundSink(sink) as write:
         sinks.append(write)
         write("t0", torch.zeros(2))
         write("t1", torch.zeros(2))  # queued once the writer has taken t0

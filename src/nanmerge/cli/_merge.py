@@ -10,8 +10,9 @@ from typing import Any
 import click
 
 from nanmerge._types import MergeError
+from nanmerge._yaml import yaml_value
 from nanmerge.cli._report import coefficient_table, fail, plan_details, print_summary
-from nanmerge.config import Recipe, load_recipe, yaml_value
+from nanmerge.config import Recipe, load_recipe
 
 # Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
 _COMPOUND = {"models", "parameters", "coefficients", "lines"}

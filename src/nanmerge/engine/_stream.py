@@ -8,14 +8,9 @@ previous one (torch and file I/O release the GIL). Output order never changes.
 from __future__ import annotations
 
 import math
-import queue
-import threading
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -25,6 +20,7 @@ from nanmerge._types import Checkpoint, Coefficients, MergeError, TensorNorms
 from nanmerge.coefficients import tensor_norms
 from nanmerge.coefficients._norms import NORM_BLOCK
 from nanmerge.engine._plan import Plan
+from nanmerge.engine._threads import BackgroundSink, ReadBuffers, prefetch, to_cpu
 from nanmerge.io import CheckpointReader
 from nanmerge.methods import tensor_generator
 from nanmerge.methods._sparsify import DRAW
@@ -192,33 +188,6 @@ def _overflow(name: str, merged: torch.Tensor, dtype: torch.dtype) -> MergeError
     )
 
 
-class ReadBuffers:
-    """Memory for the raw reads, reused from tensor to tensor.
-
-    Each of `sets` rotating sets holds one growing buffer per input; tensor number i is read
-    into set i % sets. Fresh memory for every read costs a page fault per page (on `small`,
-    710K faults and half the merge's CPU time in the kernel). A set is reused only once its
-    tensor is merged: `prefetch` starts loading tensor i + threads + 1 after tensor i is done,
-    so threads + 1 sets suffice.
-    """
-
-    def __init__(self, sets: int) -> None:
-        self._sets = sets
-        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
-
-    def memory(self, index: int, slot: int) -> Callable[[int], torch.Tensor]:
-        """Where input `slot` (0 the base, then the models) of tensor `index` is read."""
-        key = (index % self._sets, slot)
-
-        def take(nbytes: int) -> torch.Tensor:
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.numel() < nbytes:
-                self._buffers[key] = buffer = torch.empty(nbytes, dtype=torch.uint8)
-            return buffer[:nbytes]
-
-        return take
-
-
 def load(plan: Plan, name: str, buffers: ReadBuffers | None, index: int) -> Loaded:
     """Read tensor number `index` from every input onto the recipe's device, in its stored
     dtype: into `buffers` where given and the reader can (valid until they are reused), else
@@ -253,79 +222,6 @@ def _loads(plan: Plan, names: list[str], *, reuse: bool) -> Generator[Loaded, No
     buffers = ReadBuffers(plan.recipe.threads + 1) if reuse else None
     index = {name: i for i, name in enumerate(names)}
     return prefetch(names, lambda n: load(plan, n, buffers, index[n]), plan.recipe.threads)
-
-
-def prefetch(
-    names: list[str], fn: Callable[[str], Loaded], threads: int
-) -> Generator[Loaded, None, None]:
-    """Yield fn(name) in order, with up to `threads` names loading ahead in the background."""
-    if threads == 0:
-        yield from (fn(n) for n in names)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nanmerge-load") as pool:
-        pending: deque[Future[Loaded]] = deque()
-        try:
-            for name in names:
-                pending.append(pool.submit(fn, name))
-                if len(pending) > threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:  # on an error, do not read what will never be merged
-                future.cancel()
-
-
-class _BackgroundSink:
-    """Hands (name, tensor) to `sink` from one writer thread, in order, one tensor queued.
-
-    An error in the sink is raised in the caller at its next `__call__` or at exit; an
-    error in the caller stops the writer without writing what is still queued.
-    """
-
-    def __init__(self, sink: Callable[[str, torch.Tensor], None]) -> None:
-        self._sink = sink
-        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._abandoned = False
-        self._thread = threading.Thread(target=self._drain, name="nanmerge-write", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:  # None: the caller is done
-            if self._error is None and not self._abandoned:
-                name, tensor = item
-                try:
-                    self._sink(name, tensor.to("cpu"))
-                except BaseException as exc:  # handed to the caller, see _raise
-                    self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        self._raise()
-        self._queue.put((name, tensor))
-
-    def __enter__(self) -> _BackgroundSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._abandoned = exc is not None
-        self._queue.put(None)
-        self._thread.join()
-        if exc is None:
-            self._raise()
-
-
-def _to_cpu(sink: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
-    return lambda name, tensor: sink(name, tensor.to("cpu"))
 
 
 @dataclass
@@ -432,7 +328,7 @@ def merge_stream(
     bar = tqdm(
         total=len(names), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
     )
-    writer = _BackgroundSink(sink) if plan.recipe.threads > 0 else nullcontext(_to_cpu(sink))
+    writer = BackgroundSink(sink) if plan.recipe.threads > 0 else nullcontext(to_cpu(sink))
     loaded = _loads(plan, names, reuse=plan.method.elementwise)
     with writer as write, closing(loaded):
         for name in names:
