@@ -3,6 +3,7 @@ transformers, compared with the source models' own parameters."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,8 @@ def load(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     return model, {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def test_a_frankenmerge_of_two_four_layer_models_loads_with_six_layers(
-    pair: Pair, tmp_path: Path
-) -> None:
-    a, b, sd_a, sd_b = pair
-    out = tmp_path / "out"
+def frankenmerge(a: Path, b: Path, out: Path) -> None:
+    """Layers 0-2 of `a`, then 1-3 of `b`: six layers."""
     nanmerge.merge(
         {
             "slices": [
@@ -77,6 +75,14 @@ def test_a_frankenmerge_of_two_four_layer_models_loads_with_six_layers(
             "output": str(out),
         }
     )
+
+
+def test_a_frankenmerge_of_two_four_layer_models_loads_with_six_layers(
+    pair: Pair, tmp_path: Path
+) -> None:
+    a, b, sd_a, sd_b = pair
+    out = tmp_path / "out"
+    frankenmerge(a, b, out)
     model, sd = load(out)
     assert model.config.num_hidden_layers == 6
     assert len(model.model.layers) == 6
@@ -221,3 +227,17 @@ def test_a_schedule_runs_over_each_slices_own_layers(pair: Pair, tmp_path: Path)
     for layer, t in [(0, 0.2), (1, 0.8), (2, 0.2), (3, 0.8)]:
         assert values[f"model.layers.{layer}.mlp.up_proj.weight"]["t"] == pytest.approx(t)
     assert values["model.embed_tokens.weight"]["t"] == pytest.approx(0.2)
+
+
+def test_a_per_layer_config_list_is_restacked_with_the_layers(pair: Pair, tmp_path: Path) -> None:
+    """Qwen3 and Gemma configs name each layer's attention: output layer i takes the entry
+    of the layer it was stacked from."""
+    a, b, _, _ = pair
+    config = json.loads((a / "config.json").read_text())
+    kinds = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    (a / "config.json").write_text(json.dumps({**config, "layer_types": kinds}))
+    out = tmp_path / "out"
+    frankenmerge(a, b, out)
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 6
+    assert written["layer_types"] == [kinds[i] for i in (0, 1, 2, 1, 2, 3)]

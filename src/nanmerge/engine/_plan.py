@@ -65,6 +65,7 @@ class Plan:
     # a sliced recipe: each output tensor's inputs and method, and the output's layer count
     routes: Mapping[str, Route] = field(default_factory=dict)
     num_layers: int | None = None
+    source_layers: list[int] = field(default_factory=list)  # sliced: each output layer's source
 
     def method_of(self, name: str) -> MethodSpec:
         """The method that merges output tensor `name` (its slice's, in a sliced recipe)."""
@@ -366,6 +367,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         warnings=_repeated_inputs(recipe, base, models) + sliced.warnings,
         routes=sliced.routes,
         num_layers=sliced.num_layers or None,
+        source_layers=sliced.source_layers,
         contexts=contexts,
         layered=layered,
     )

@@ -326,7 +326,7 @@ def _write(
             report["output"]["lora"] = writer.summary()
         if p.copy_files_from is not None:
             writer.copy_files(p.copy_files_from, NON_WEIGHT_FILES)
-            config = p.num_layers and layer_count_config(p.copy_files_from, p.num_layers)
+            config = p.num_layers and layer_count_config(p.copy_files_from, p.source_layers)
             if config:
                 writer.add_file("config.json", config)
         writer.add_file("merge_report.json", json.dumps(report, indent=2))

@@ -77,6 +77,7 @@ class SliceLayout:
     routes: dict[str, Route] = field(default_factory=dict)
     num_layers: int = 0
     warnings: list[str] = field(default_factory=list)
+    source_layers: list[int] = field(default_factory=list)  # per output layer, its first source's
     # per slice, its output tensors placed within the slice: a schedule runs over the
     # slice's own layers, as mergekit counts depth within each slice
     depth: list[list[TensorContext]] = field(default_factory=list)
@@ -236,6 +237,7 @@ def slice_layout(
                 TensorContext(out, offset, piece.length, roles_here[out].role) for out in outs
             ]
             layout.num_layers += 1
+            layout.source_layers.append(piece.sources[0].layers[0] + offset)
     disagreeing: list[str] = []
     for out, route in [*pre, *stacked, *post]:
         meta = _check_route(out, route, base, models, disagreeing)
@@ -258,9 +260,11 @@ def slice_layout(
     return layout
 
 
-def layer_count_config(folder: Path, layers: int) -> str | None:
-    """The folder's config.json with its layer count set to `layers`; None when it has no
-    config or the config states no count (nothing to rewrite)."""
+def layer_count_config(folder: Path, source_layers: list[int]) -> str | None:
+    """The folder's config.json for the stacked output, whose layer i was layer
+    `source_layers[i]` of its first source: the layer count set, and a per-layer list
+    (`layer_types`: Qwen3's and Gemma's sliding or full attention) restacked the same way.
+    None when there is no config or it states no count (nothing to rewrite)."""
     try:
         config: Any = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -268,4 +272,8 @@ def layer_count_config(folder: Path, layers: int) -> str | None:
     keys = [k for k in _CONFIG_KEYS if isinstance(config, dict) and k in config]
     if not keys:
         return None
-    return json.dumps({**config, **dict.fromkeys(keys, layers)}, indent=2) + "\n"
+    out = {**config, **dict.fromkeys(keys, len(source_layers))}
+    per_layer = config.get("layer_types")
+    if isinstance(per_layer, list) and len(per_layer) > max(source_layers, default=-1):
+        out["layer_types"] = [per_layer[i] for i in source_layers]
+    return json.dumps(out, indent=2) + "\n"
