@@ -241,3 +241,14 @@ def test_a_per_layer_config_list_is_restacked_with_the_layers(pair: Pair, tmp_pa
     written = json.loads((out / "config.json").read_text())
     assert written["num_hidden_layers"] == 6
     assert written["layer_types"] == [kinds[i] for i in (0, 1, 2, 1, 2, 3)]
+
+
+def test_coefficients_for_passthrough_are_refused_not_ignored(pair: Pair, tmp_path: Path) -> None:
+    a = pair[0]
+    weighted = {"model": str(a), "layers": [0, 3], "coefficient": 0.5}
+    with pytest.raises(MergeError, match="'passthrough' weighs nothing"):
+        nanmerge.merge({"slices": [{"sources": [weighted]}], "output": str(tmp_path / "o")})
+    with pytest.raises(MergeError, match="'passthrough' weighs nothing"):
+        nanmerge.merge(
+            {"models": [str(a)], "method": "passthrough", "coefficients": "nan", "output": "o"}
+        )

@@ -10,7 +10,7 @@ from typing import Any
 
 from nanmerge._types import MergeError
 from nanmerge.coefficients import RecipeFacts, check_options, get_estimator
-from nanmerge.config import Recipe
+from nanmerge.config import CoefficientSpec, Recipe
 from nanmerge.engine._layered import coefficient_problems, parameter_problems
 from nanmerge.io import parse_size
 from nanmerge.methods import MethodSpec, count_problem, get_method
@@ -51,7 +51,26 @@ def resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, 
     problems += parameter_problems(spec, recipe.parameters)
     if recipe.slices is None:  # with slices, each slice's sources are what is merged
         problems += _input_problems(spec, len(recipe.models), recipe.base is not None)
+        problems += _coefficient_problems(spec, asked=_asks_coefficients(recipe))
     return spec, {**spec.params, **recipe.parameters}
+
+
+def _asks_coefficients(recipe: Recipe) -> bool:
+    """Whether the recipe sets coefficients: another estimator than the default, or any."""
+    default = CoefficientSpec.model_fields["estimator"].default
+    return recipe.coefficients.estimator != default or any(
+        m.coefficient is not None for m in recipe.models
+    )
+
+
+def _coefficient_problems(spec: MethodSpec, *, asked: bool) -> list[str]:
+    """A method that weighs nothing refuses coefficients rather than ignore them."""
+    if spec.takes_coefficients or not asked:
+        return []
+    return [
+        f"method '{spec.name}' weighs nothing (it copies one model), so coefficients would be "
+        "ignored; remove `coefficients` and any `coefficient`"
+    ]
 
 
 def _input_problems(spec: MethodSpec, count: int, has_base: bool) -> list[str]:
@@ -81,6 +100,9 @@ def resolve_slices(recipe: Recipe, problems: list[str]) -> list[tuple[MethodSpec
         found += _input_problems(spec, len(piece.sources), recipe.base is not None)
         if spec.collect is not None or spec.statistics:
             found.append(f"method '{name}' reads whole-model statistics, which slices do not have")
+        given = any(s.coefficient is not None for s in piece.sources)
+        asked = given or (_asks_coefficients(recipe) and not _needs_norms(recipe))
+        found += _coefficient_problems(spec, asked=asked)
         problems += [f"slices[{i}] ({len(piece.sources)} source(s)): {p}" for p in found]
         resolved.append((spec, {**spec.params, **params}))
     if recipe.slices is not None and _needs_norms(recipe):

@@ -42,10 +42,12 @@ def weight_average(
     needs_base=False,
     max_models=1,
     elementwise=True,
+    takes_coefficients=False,
 )
 def passthrough(
     tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The one model's tensor, unchanged: how a slice copies layers into a stacked model
-    (mergekit's `passthrough`). `coef` is ignored, as a weight average of one model would."""
+    (mergekit's `passthrough`). It weighs nothing, so a recipe that gives it coefficients
+    (NAN's or any other) is refused rather than silently ignored."""
     return tensors[0]

@@ -78,6 +78,8 @@ class MethodSpec:
     # Whether, with these parameters, the method divides by the sum of the coefficients
     # (w_i = coef_i / sum(coef)), where nearly cancelling coefficients blow the weights up.
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False
+    # False for a method that weighs nothing (passthrough): coefficients are refused for it
+    takes_coefficients: bool = True
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -96,6 +98,7 @@ def register(
     collect: Collect[Any] | None = None,
     memory: MemoryCost | None = None,
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False,
+    takes_coefficients: bool = True,
 ) -> Callable[[F], F]:
     """Register a merge function under its own name.
 
@@ -140,6 +143,7 @@ def register(
             collect=collect,
             memory=memory or (ELEMENTWISE if elementwise else WHOLE_STACK),
             averages=averages,
+            takes_coefficients=takes_coefficients,
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)
