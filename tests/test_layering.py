@@ -32,7 +32,7 @@ ALLOWED = {
         "config",
         "engine",
     },
-    "recipes": {"_types", "recipes"},
+    "recipes": {"_types", "_schedule", "recipes"},
     "config": {"_types", "_params", "_schedule", "_yaml", "config", "recipes"},
     "learn": {"_types", "coefficients", "learn"},
     "cli": {

@@ -55,11 +55,12 @@ def test_a_slerp_slice_puts_base_model_first_and_takes_t_from_the_slice() -> Non
         ],
     }
     recipe = from_mergekit(data)
-    # one slice is the whole output: its parameters are the recipe's
     assert recipe["slices"] == [
-        {"sources": [{"model": "a", "layers": [0, 8]}, {"model": "b", "layers": [0, 8]}]}
+        {
+            "sources": [{"model": "a", "layers": [0, 8]}, {"model": "b", "layers": [0, 8]}],
+            "parameters": {"t": 0.25},
+        }
     ]
-    assert recipe["parameters"] == {"t": 0.25}
 
 
 def test_a_slices_recipe_problem_is_one_message_without_follow_on_errors() -> None:

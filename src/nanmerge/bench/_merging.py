@@ -74,16 +74,9 @@ def recipe(
     }
 
 
-def merge_state(
-    models: ModelSet,
-    method: str,
-    coefficients: str,
-    params: Mapping[str, Any],
-    seed: int,
-    lines: Mapping[str, float] | None = None,
-) -> State:
+def merge_state(recipe: Mapping[str, Any]) -> State:
     """The merged state dict, in memory: a recipe without `output` writes nothing."""
-    result = nanmerge.merge(recipe(models, method, coefficients, params, seed, lines))
+    result = nanmerge.merge(recipe)
     return {k: v for k, v in result.items()}
 
 
@@ -118,14 +111,15 @@ def sweep(
         params = method_params(method)
         for coef in COEFFICIENTS:
             if "scale" not in params:
-                state = merge_state(models, method, coef, params, seed)
+                state = merge_state(recipe(models, method, coef, params, seed))
                 rows.append(_row(method, coef, "-", None, validate(state), test(state)))
                 _tick(bar)
                 continue
             default = float(params["scale"])
             scored: list[tuple[float, float, Scores]] = []
             for scale in sorted({default, *scale_grid}):
-                state = merge_state(models, method, coef, {**params, "scale": scale}, seed)
+                scaled = {**params, "scale": scale}
+                state = merge_state(recipe(models, method, coef, scaled, seed))
                 scored.append((scale, validate(state), test(state)))
                 _tick(bar)
             at_default = next(s for s in scored if s[0] == default)
@@ -152,7 +146,8 @@ def lines_sweep(
         for coef in COEFFICIENTS:
             scored: list[tuple[float, float, Scores]] = []
             for beta in beta_grid:
-                state = merge_state(models, method, coef, params, seed, lines={"beta": beta})
+                lines = {"beta": beta}
+                state = merge_state(recipe(models, method, coef, params, seed, lines))
                 scored.append((beta, validate(state), test(state)))
                 _tick(bar)
             best = max(scored, key=lambda s: s[1])

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from nanmerge._schedule import varies
 from nanmerge._types import MergeError
+from nanmerge.recipes._mergekit_values import (
+    falls_back,
+    model_path,
+    numeric,
+    one_value,
+    parameters,
+    scalar,
+)
 
 
 @dataclass(frozen=True)
@@ -71,97 +79,6 @@ _DTYPES = {
 }
 
 
-def _gradient(value: Any, what: str, problems: list[str]) -> Any:
-    """A single value, or a mergekit gradient (a bare list of numbers) as a schedule."""
-    if not isinstance(value, list | tuple):
-        return value
-    if value and all(_is_number(v) for v in value):
-        return {"schedule": list(value)}
-    problems.append(
-        f"gradient parameter {what} {list(value)!r} (only gradients of numbers interpolate)"
-    )
-    return None
-
-
-def _scalar(value: Any, what: str, problems: list[str]) -> Any:
-    """A parameter value as nanmerge writes it: a gradient becomes a schedule and a
-    `filter`/`value` list a filter list (mergekit matches `filter` as a part of the name)."""
-    if isinstance(value, Mapping):
-        value = [value]  # one conditional parameter
-    if isinstance(value, list | tuple) and value and all(isinstance(v, Mapping) for v in value):
-        entries = []
-        for i, entry in enumerate(value):
-            unknown = sorted(set(entry) - {"filter", "value"})
-            if "value" not in entry or unknown:
-                problems.append(f"parameter {what}[{i}]: {dict(entry)!r} is not {{filter, value}}")
-                continue
-            converted = {"value": _gradient(entry["value"], f"{what}[{i}]", problems)}
-            if entry.get("filter") is not None:
-                converted = {"filter": entry["filter"], **converted}
-            entries.append(converted)
-        return entries
-    return _gradient(value, what, problems)
-
-
-def _falls_back(value: Any, fallback: Any) -> Any:
-    """`value`, and where it is a filter list, `fallback` for the tensors it leaves
-    unmatched: mergekit then reads the next scope (global after per-model) or the default."""
-    if not isinstance(value, list) or fallback is None:
-        return fallback if value is None else value
-    more = fallback if isinstance(fallback, list) else [{"value": fallback}]
-    return [*value, *more]
-
-
-def _varies(value: Any) -> bool:
-    return isinstance(value, list | Mapping)
-
-
-def _parameters(value: Any, what: str, problems: list[str]) -> Mapping[str, Any]:
-    """A `parameters` mapping (none: empty), or empty with a problem when it is not one."""
-    if value is None or isinstance(value, Mapping):
-        return value or {}
-    problems.append(f"{what} is a {type(value).__name__}, not a mapping of names to values")
-    return {}
-
-
-def _model_path(ref: Any, base: Any, problems: list[str]) -> Any:
-    """A model reference as a path; mergekit's `base+lora` works when `base` is base_model."""
-    if not isinstance(ref, str):
-        problems.append(f"model reference {ref!r} (only a path or repo id string is supported)")
-        return ref
-    if "+" in ref and not Path(ref).exists():
-        model, _, lora = ref.partition("+")
-        if model == base:
-            return lora  # nanmerge reads a LoRA adapter over the recipe's base
-        problems.append(
-            f"model '{ref}': a LoRA applied to a model other than base_model (nanmerge reads "
-            "adapters over the base only)"
-        )
-    return ref
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _numeric(value: Any) -> bool:
-    """Whether every value of a translated setting is a number (schedules always are)."""
-    if isinstance(value, list):
-        return all(_numeric(entry.get("value")) for entry in value)
-    return isinstance(value, Mapping) or _is_number(value)
-
-
-def _one_value(values: list[Any], name: str, method: str, problems: list[str]) -> Any:
-    distinct = list({repr(v): v for v in values}.values())
-    if len(distinct) > 1:
-        problems.append(
-            f"per-model `{name}` that differs between models ({', '.join(map(str, values))}): "
-            f"nanmerge's {method} applies one {name} to every model; use a single value "
-            f"(global `parameters: {{{name}: ...}}`)"
-        )
-    return distinct[0]
-
-
 def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str, Any]:
     """The nanmerge recipe (a dict for `Recipe`) that does what mergekit recipe `data` does.
 
@@ -195,8 +112,8 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
     extras = {k: v for k, v in data.items() if k not in mergekit_only}
 
     glob: dict[str, Any] = {}
-    for key, value in _parameters(data.get("parameters"), "parameters", problems).items():
-        glob[key] = _scalar(value, f"'{key}'", problems)
+    for key, value in parameters(data.get("parameters"), "parameters", problems).items():
+        glob[key] = scalar(value, f"'{key}'", problems)
     entries: list[tuple[Any, dict[str, Any]]] = []
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
@@ -213,12 +130,12 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
         if unknown:
             problems.append(f"models[{i}] fields {', '.join(unknown)}")
         params = {
-            k: _scalar(v, f"'{k}' of models[{i}]", problems)
-            for k, v in _parameters(
+            k: scalar(v, f"'{k}' of models[{i}]", problems)
+            for k, v in parameters(
                 entry.get("parameters"), f"parameters of models[{i}]", problems
             ).items()
         }
-        entries.append((_model_path(entry["model"], base, problems), params))
+        entries.append((model_path(entry["model"], base, problems), params))
 
     recipe: dict[str, Any] = {}
     if spec is not None and data.get("slices") is not None:
@@ -286,36 +203,36 @@ def _translate(
         f"'{key}' = {value!r}{where}"
         for params, where in [(glob, ""), *((p, f" of model {path}") for path, p in entries)]
         for key, value in params.items()
-        if key in _NUMBERS and value is not None and not _numeric(value)
+        if key in _NUMBERS and value is not None and not numeric(value)
     ]
     if wrong:
         problems.append(f"parameters that must be numbers: {', '.join(wrong)}")
         return {}
 
     def per_model(name: str) -> list[Any]:
-        return [_falls_back(params.get(name), glob.get(name)) for _, params in entries]
+        return [falls_back(params.get(name), glob.get(name)) for _, params in entries]
 
     problems += [
         f"a gradient or filter list for `{key}` (nanmerge takes one value)"
         for key in ("normalize", "rescale", "int8_mask")
-        if _varies(glob.get(key))
+        if varies(glob.get(key))
     ]
 
     parameters: dict[str, Any] = {}
     if spec.density:
-        densities = [_falls_back(d, 1.0) for d in per_model("density")]  # mergekit's 1.0
-        parameters["density"] = _one_value(densities, "density", merge_method, problems)
+        densities = [falls_back(d, 1.0) for d in per_model("density")]  # mergekit's 1.0
+        parameters["density"] = one_value(densities, "density", merge_method, problems)
     if spec.gamma:
-        gammas = [_falls_back(g, 0.01) for g in per_model("gamma")]
-        gamma = _one_value(gammas, "gamma", merge_method, problems)
-        fixed = not _varies(gamma) and not _varies(parameters["density"])
+        gammas = [falls_back(g, 0.01) for g in per_model("gamma")]
+        gamma = one_value(gammas, "gamma", merge_method, problems)
+        fixed = not varies(gamma) and not varies(parameters["density"])
         if fixed and gamma + parameters["density"] > 1:
             gamma = max(
                 0.0, 1.0 - parameters["density"]
             )  # mergekit drops fewer outliers when they overlap
         parameters["gamma"] = gamma
     if spec.task_vectors:
-        parameters["scale"] = _falls_back(glob.get("lambda"), 1.0)
+        parameters["scale"] = falls_back(glob.get("lambda"), 1.0)
     if merge_method == "slerp":
         if glob.get("t") is None:
             problems.append("slerp without a global `t` (mergekit requires it)")
@@ -337,14 +254,14 @@ def _translate(
     if merge_method == "slerp" and given:
         problems.append("per-model `weight` on slerp (mergekit's slerp takes only `t`)")
     elif estimated:
-        if len({repr(w) for w in given}) > 1 or any(_varies(w) for w in given):
+        if len({repr(w) for w in given}) > 1 or any(varies(w) for w in given):
             problems.append(
                 "per-model `weight` that differs between models together with `coefficients` "
                 "(the estimator sets the weights; remove one of them)"
             )
         elif normalize and spec.task_vectors and not spec.consensus:
             problems.append(f"normalize: true on {merge_method} together with `coefficients`")
-        elif given and _varies(parameters["scale"]) and spec.task_vectors:
+        elif given and varies(parameters["scale"]) and spec.task_vectors:
             problems.append("a per-model `weight` with a varying `lambda` and `coefficients`")
         elif given and spec.task_vectors and not (spec.consensus and normalize):
             # One shared weight is a common scale; where mergekit normalizes, it cancels.
@@ -352,7 +269,7 @@ def _translate(
     elif given and len(given) != len(weights):
         missing = [str(path) for (path, _), w in zip(entries, weights, strict=True) if w is None]
         problems.append(f"`weight` missing on model(s) {', '.join(missing)} (mergekit needs it)")
-    elif normalize and spec.task_vectors and not spec.consensus and any(map(_varies, given)):
+    elif normalize and spec.task_vectors and not spec.consensus and any(map(varies, given)):
         problems.append(
             f"normalize: true with varying per-model `weight` on {merge_method} (mergekit "
             "divides by the weights' sum tensor by tensor; set normalize: false or use ties)"
@@ -386,10 +303,10 @@ def _slice_sources(
         extra = sorted(set(src) - {"model", "layer_range", "parameters"})
         if extra:
             problems.append(f"{where}.sources[{j}] fields {', '.join(extra)}")
-        params = _parameters(src.get("parameters"), f"parameters of {where}.sources[{j}]", problems)
+        params = parameters(src.get("parameters"), f"parameters of {where}.sources[{j}]", problems)
         what = f"of {where}.sources[{j}]"
-        scalars = {k: _scalar(v, f"'{k}' {what}", problems) for k, v in params.items()}
-        sources.append((_model_path(src["model"], base, problems), scalars, list(span)))
+        scalars = {k: scalar(v, f"'{k}' {what}", problems) for k, v in params.items()}
+        sources.append((model_path(src["model"], base, problems), scalars, list(span)))
     return sources
 
 
@@ -416,11 +333,11 @@ def _slices(
         if len(spans) < len(sources):
             problems.append(f"slices[{i}] lists one model twice (nanmerge names sources by model)")
             continue
-        own = _parameters(piece.get("parameters"), f"parameters of slices[{i}]", problems)
+        own = parameters(piece.get("parameters"), f"parameters of slices[{i}]", problems)
         entries = [(path, params) for path, params, _ in sources]
         scope = {
             **glob,
-            **{k: _scalar(v, f"'{k}' of slices[{i}]", problems) for k, v in own.items()},
+            **{k: scalar(v, f"'{k}' of slices[{i}]", problems) for k, v in own.items()},
         }
         merged = _translate(merge_method, spec, base, scope, entries, extras, problems)
         if not merged:
@@ -443,9 +360,4 @@ def _slices(
         )
     if not slices:
         problems.append("`slices` is not a list of {sources: [...]} (mergekit's slices)")
-    recipe: dict[str, Any] = {"method": spec.name, "base": base, "slices": out}
-    if len(out) == 1:
-        # One slice is the whole output, so mergekit's gradients over the slice's layers are
-        # nanmerge's over the output's: its parameters are the recipe's, and may vary.
-        recipe["parameters"] = out[0].pop("parameters")
-    return recipe
+    return {"method": spec.name, "base": base, "slices": out}
