@@ -4,6 +4,7 @@ recipe's reader expects them."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,19 @@ def yaml_value(text: str) -> Any:
 
 def read_yaml(path: Path) -> Any:
     """A recipe file's YAML, read safely: a bomb, bad YAML or deep nesting is a MergeError."""
+    return _read(path, lambda text: yaml.load(text, Loader=_RecipeLoader))
+
+
+def read_yaml_documents(path: Path) -> list[Any]:
+    """A recipe file's YAML documents (several when `---` separates them, as in mergekit-mega's
+    recipes), each read as `read_yaml` reads one; empty documents are dropped."""
+    documents = _read(path, lambda text: list(yaml.load_all(text, Loader=_RecipeLoader)))
+    return [d for d in documents if d is not None]
+
+
+def _read(path: Path, load: Callable[[str], Any]) -> Any:
     try:
-        return yaml.load(path.read_text(), Loader=_RecipeLoader)
+        return load(path.read_text())
     except _AliasBomb as exc:
         raise MergeError(f"recipe {path} is refused: {exc}") from None
     except yaml.YAMLError as exc:

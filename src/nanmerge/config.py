@@ -22,8 +22,8 @@ from pydantic import (
 from nanmerge._params import did_you_mean
 from nanmerge._schedule import parse, varies
 from nanmerge._types import MergeError
-from nanmerge._yaml import read_yaml
-from nanmerge.recipes import from_mergekit, layer_swap
+from nanmerge._yaml import read_yaml, read_yaml_documents
+from nanmerge.recipes import chain_order, from_mergekit, layer_swap
 
 IN_MEMORY = "<in-memory>"
 
@@ -245,6 +245,16 @@ class Recipe(BaseModel):
         description="folder or Hugging Face repo id whose config/tokenizer files are copied "
         "(default: base)",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template set in the output's tokenizer_config.json; `auto`: "
+        "the one most inputs' tokenizer_config.json carry",
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="remarks on the recipe (what a mergekit translation does differently), "
+        "kept in the report",
+    )
     allow_downloads: bool = Field(
         False, description="download Hugging Face repo ids missing from the local hub cache"
     )
@@ -355,11 +365,31 @@ def _describe(error: Any) -> str:
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
-def load_recipe(source: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:
-    """Build a Recipe from an object, a mapping or a YAML file; report every error at once."""
+def load_recipes(path: str | os.PathLike[str]) -> list[Recipe]:
+    """A YAML file's recipes in the order to run them: one, or one per YAML document (the
+    multi-document form of mergekit-mega, each with its own `out_path`); every document's
+    problems are reported in one error before any recipe runs."""
+    documents = read_yaml_documents(Path(path)) if Path(path).is_file() else []
+    if len(documents) < 2:
+        return [load_recipe(path)]
+    recipes, errors = [], []
+    for i in chain_order(documents, str(path)):
+        try:
+            recipes.append(load_recipe(documents[i], where=f"{path} (document {i + 1})"))
+        except MergeError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise MergeError("\n".join(errors))
+    return recipes
+
+
+def load_recipe(
+    source: Recipe | Mapping[str, Any] | str | os.PathLike[str], *, where: str = "recipe"
+) -> Recipe:
+    """Build a Recipe from an object, a mapping or a YAML file; report every error at once.
+    `where` names a mapping's origin in messages (a file names itself)."""
     if isinstance(source, Recipe):
         return source
-    where = "recipe"
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if not path.is_file():

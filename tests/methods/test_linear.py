@@ -37,3 +37,12 @@ def test_base_is_ignored_and_output_is_float32_of_the_tensor_shape() -> None:
     assert out.dtype == torch.float32
     assert out.shape == (2, 3)
     assert bool((out == 1).all())
+
+
+def test_without_normalize_it_is_the_plain_weighted_sum() -> None:
+    tensors = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    # 0.5 * (1, 2) + 2 * (3, 6) = (6.5, 13), not divided by 2.5 (mergekit's normalize: false)
+    out = weight_average(tensors, torch.tensor([0.5, 2.0]), normalize=False)
+    assert out.tolist() == [6.5, 13.0]
+    # weights summing to 0 are fine when nothing is divided by their sum
+    assert weight_average(tensors, torch.tensor([1.0, -1.0]), normalize=False).tolist() == [-2, -4]

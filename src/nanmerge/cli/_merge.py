@@ -11,11 +11,13 @@ import click
 
 from nanmerge._types import MergeError
 from nanmerge._yaml import yaml_value
+from nanmerge.cli._mergekit import flag_updates, load_chain, mergekit_options
 from nanmerge.cli._report import coefficient_table, fail, plan_details, print_summary
 from nanmerge.config import Recipe, load_recipe
 
-# Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax.
-_COMPOUND = {"models", "parameters", "coefficients", "lines"}
+# Recipe fields whose flags are spelt by hand: lists and mappings need a KEY=VALUE syntax;
+# `notes` are a translation's remarks, not something to give on the command line.
+_COMPOUND = {"models", "parameters", "coefficients", "lines", "notes"}
 
 
 def _key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -71,27 +73,42 @@ def _recipe_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
+def _run_merge(recipes: list[Recipe], quiet: bool, verbose: bool = False) -> None:
+    """Merge each recipe in turn (several: a mergekit-mega chain). Every recipe is checked
+    before the first merge; a failure stops the chain and leaves the outputs before it."""
     if quiet and verbose:
         fail(MergeError("--quiet and --verbose contradict each other; pass one"))
-    if recipe.output is None:
+    if any(r.output is None for r in recipes):
         fail(MergeError("the recipe has no `output`; set one or pass --output"))
     import nanmerge.engine as engine  # its torch-free part: `merge` loads torch on first use
 
     try:
-        engine.check_recipe(recipe)  # a misspelt method or parameter, answered before torch
-        result = engine.merge(recipe, progress=not quiet)
+        for recipe in recipes:  # a misspelt method or parameter, answered before torch
+            engine.check_recipe(recipe)
     except MergeError as exc:
         fail(exc)
-        return
-    if not quiet:
-        print_summary(result)
-    if verbose:
-        click.echo(plan_details(result))
+    for i, recipe in enumerate(recipes):
+        if not quiet:
+            if len(recipes) > 1:
+                click.echo(f"merge {i + 1} of {len(recipes)}: {recipe.output}")
+            for note in recipe.notes:
+                click.echo(f"note: {note}")
+        try:
+            result = engine.merge(recipe, progress=not quiet)
+        except MergeError as exc:
+            done = f"; merges 1-{i} are complete" if i else ""
+            where = f"merge {i + 1} of {len(recipes)} ({recipe.output}){done}: "
+            fail(MergeError(f"{where}{exc}") if len(recipes) > 1 else exc)
+            return
+        if not quiet:
+            print_summary(result)
+        if verbose:
+            click.echo(plan_details(result))
 
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("out_path", required=False, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), help="override the recipe's output")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars or summary")
@@ -99,27 +116,39 @@ def _run_merge(recipe: Recipe, quiet: bool, verbose: bool = False) -> None:
 @click.option(
     "--allow-downloads", is_flag=True, help="download Hugging Face repo ids missing from the cache"
 )
+@mergekit_options
 def run(
     recipe: Path,
+    out_path: Path | None,
     output: Path | None,
     overwrite: bool,
     quiet: bool,
     verbose: bool,
     allow_downloads: bool,
+    **mergekit_flags: Any,
 ) -> None:
-    """Merge as RECIPE (a YAML file) says."""
+    """Merge as RECIPE (a YAML file) says, into OUT_PATH when given (as mergekit-yaml's
+    positional output). A file of several YAML documents (mergekit-mega) runs each in turn."""
     try:
-        r = load_recipe(recipe)
-        updates = {"overwrite": True} if overwrite else {}
+        updates, notes = flag_updates(mergekit_flags)
+        if out_path is not None and output is not None and out_path != output:
+            raise MergeError(f"two outputs given, {out_path} and --output {output}; give one")
+        if overwrite:
+            updates["overwrite"] = True
         if allow_downloads:
             updates["allow_downloads"] = True
-        if output is not None:
-            updates["output"] = output  # type: ignore[assignment]
-        r = load_recipe({**r.model_dump(), **updates})
+        if (out_path or output) is not None:
+            updates["output"] = out_path or output
+        recipes = load_chain(recipe, updates, notes)
+        if len(recipes) > 1 and "output" in updates:
+            raise MergeError(
+                f"{recipe} holds {len(recipes)} recipes, each with its own out_path; drop the "
+                "output argument"
+            )
     except MergeError as exc:
         fail(exc)
         return
-    _run_merge(r, quiet, verbose)
+    _run_merge(recipes, quiet, verbose)
 
 
 def _merge_command() -> click.Command:
@@ -160,7 +189,7 @@ def _merge_command() -> click.Command:
         except MergeError as exc:
             fail(exc)
             return
-        _run_merge(r, flags["quiet"], flags["verbose"])
+        _run_merge([r], flags["quiet"], flags["verbose"])
 
     return click.Command(
         "merge",

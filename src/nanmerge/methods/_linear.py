@@ -15,18 +15,25 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
     reference="https://arxiv.org/abs/2203.05482",
     needs_base=False,
     elementwise=True,
-    averages=lambda params: True,
+    averages=lambda params: bool(params.get("normalize", True)),
 )
 def weight_average(
-    tensors: torch.Tensor, coef: torch.Tensor, *, base: torch.Tensor | None = None
+    tensors: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """sum_i w_i * tensors[i] with w_i = coef_i / sum(coef) (model soups, Wortsman et al. 2022).
 
     https://arxiv.org/abs/2203.05482. `base` is accepted and ignored. mergekit's `linear`
-    normalizes the same way by default (`normalize: true`).
+    normalizes the same way by default (`normalize: true`); `normalize=False` is its
+    `normalize: false`, the plain weighted sum sum_i coef_i * tensors[i].
     """
     import torch
 
+    if not normalize:
+        return torch.mv(tensors.reshape(len(coef), -1).t(), coef).view(tensors.shape[1:])
     total = coef.sum()
     if total == 0:
         raise MergeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nanmerge.recipes._layer_swap import layer_swap
+from nanmerge.recipes._mega import chain_order
 from nanmerge.recipes._mergekit import from_mergekit
 
-__all__ = ["from_mergekit", "layer_swap"]
+__all__ = ["chain_order", "from_mergekit", "layer_swap"]

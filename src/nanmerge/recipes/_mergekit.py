@@ -14,6 +14,7 @@ from typing import Any
 
 from nanmerge._schedule import varies
 from nanmerge._types import MergeError
+from nanmerge.recipes._mergekit_output import FIELDS, output_fields
 from nanmerge.recipes._mergekit_values import (
     falls_back,
     model_path,
@@ -35,6 +36,16 @@ class _Method:
     consensus: bool = False
     density: bool = False
     gamma: bool = False
+    # base_model beyond task vectors: "listed" merges it only where `models` lists it;
+    # "origin" (optional) and "required" skip its entry; "point" merges it as one more model
+    base: str = "listed"
+    knobs: tuple[str, ...] = ()  # mergekit parameters nanmerge takes under the same name
+    weighted: bool = True  # takes mergekit's per-model `weight` (as coefficients)
+
+
+def _own(name: str, base: str, *knobs: str, weighted: bool = False) -> _Method:
+    """A method with its own parameters, which nanmerge takes under mergekit's names."""
+    return _Method(name, False, None, None, base=base, knobs=knobs, weighted=weighted)
 
 
 SHARED: dict[str, _Method] = {
@@ -50,33 +61,23 @@ SHARED: dict[str, _Method] = {
     ),
     "slerp": _Method("slerp", False, normalize=None, rescale=None),
     "passthrough": _Method("passthrough", False, normalize=None, rescale=None),
+    "multislerp": _own("multislerp", "origin", "normalize_weights", "eps", weighted=True),
+    "nuslerp": _own("nuslerp", "origin", "nuslerp_flatten", "nuslerp_row_wise", weighted=True),
+    "karcher": _own("karcher", "point", "max_iter", "tol"),
+    "model_stock": _own("model_stock", "required", "filter_wise"),
+    "nearswap": _own("nearswap", "required", "t"),
+    "arcee_fusion": _own("arcee_fusion", "required"),
 }
-UNSUPPORTED_FIELDS = {
-    "modules": "modules (per-module sub-merges)",
-    "tokenizer_source": "tokenizer_source (tokenizer merging)",
-    "tokenizer": "tokenizer (tokenizer merging)",
-    "chat_template": "chat_template",
-}
-_MERGEKIT_FIELDS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "slices",
-    "parameters",
-    "dtype",
-    "out_dtype",
-}
+UNSUPPORTED_FIELDS = {"modules": "modules (per-module sub-merges)"}
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "slices", "parameters", *FIELDS}
 _OURS_REPLACED = {"base": "base_model", "method": "merge_method"}
 _NUMBERS = {"weight", "density", "gamma", "lambda", "t"}
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
+# nanmerge methods that divide kept entries by density, mergekit's `rescale` aside
+_DIVIDES_BY_DENSITY = {"dare_linear", "dare_ties"}
+INT8_MASK_NOTE = (
+    "int8_mask: mergekit keeps its sign masks as int8 to save memory; nanmerge's masks do "
+    "not change its float32 math, so the setting changes nothing"
+)
 
 
 def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str, Any]:
@@ -93,13 +94,7 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
         problems.append(
             f"merge_method '{merge_method}' (shared with nanmerge: {', '.join(SHARED)})"
         )
-    problems += [
-        text
-        for key, text in UNSUPPORTED_FIELDS.items()
-        if data.get(key) is not None
-        # the base's tokenizer is the one nanmerge copies anyway
-        and not (key == "tokenizer_source" and data[key] == "base")
-    ]
+    problems += [text for key, text in UNSUPPORTED_FIELDS.items() if data.get(key) is not None]
     problems += [
         f"`{ours}` next to mergekit's `{theirs}` (write one schema)"
         for ours, theirs in _OURS_REPLACED.items()
@@ -142,12 +137,8 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
         recipe = _slices(data, str(merge_method), spec, base, glob, extras, problems)
     elif spec is not None:
         recipe = _translate(str(merge_method), spec, base, glob, entries, extras, problems)
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None:
-        if isinstance(dtype, str) and dtype in _DTYPES:
-            recipe["dtype"] = _DTYPES[dtype]
-        else:
-            problems.append(f"dtype '{dtype}' (nanmerge writes {', '.join(sorted(_DTYPES))})")
+    notes: list[str] = [INT8_MASK_NOTE] if glob.get("int8_mask") else []
+    recipe |= output_fields(data, base, problems, notes)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise MergeError(
@@ -155,6 +146,8 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> dict[str
             f"feature(s) nanmerge does not support:\n{listed}\n"
             "Rewrite those parts, or use nanmerge's own recipe schema (see README)"
         )
+    if notes:
+        recipe["notes"] = notes
     return {**extras, **recipe}
 
 
@@ -172,6 +165,12 @@ def _translate(
         if base is None:
             problems.append(f"{merge_method} without base_model (task vectors need one)")
         entries = [(path, params) for path, params in entries if path != base]
+    if spec.base == "required" and base is None:
+        problems.append(f"{merge_method} without base_model (mergekit requires one)")
+    if spec.base in ("origin", "required"):
+        entries = [(path, params) for path, params in entries if path != base]
+    elif spec.base == "point" and base is not None and all(path != base for path, _ in entries):
+        entries = [(base, {}), *entries]  # mergekit merges base_model as one more input
     if merge_method == "slerp":
         others = [(path, params) for path, params in entries if path != base]
         if base is None or len(others) != 1:
@@ -180,12 +179,13 @@ def _translate(
             )
         else:
             entries = [(base, {}), *others]
-    tensor_params = {"weight"} if merge_method != "slerp" else set()
+    tensor_params = {"weight"} if spec.weighted and merge_method != "slerp" else set()
     tensor_params |= {"density"} if spec.density else set()
     tensor_params |= {"gamma"} if spec.gamma else set()
     knobs = {"int8_mask", "normalize", "rescale", "lambda"} if spec.task_vectors else set()
     knobs |= {"normalize"} if merge_method == "linear" else set()
     knobs |= {"t"} if merge_method == "slerp" else set()
+    knobs |= set(spec.knobs)
     for key in glob:
         if key not in tensor_params | knobs:
             problems.append(f"parameter '{key}' (nanmerge maps none such for {merge_method})")
@@ -237,11 +237,12 @@ def _translate(
         if glob.get("t") is None:
             problems.append("slerp without a global `t` (mergekit requires it)")
         parameters["t"] = glob.get("t")
+    parameters |= {key: glob[key] for key in spec.knobs if key in glob}
     normalize = glob.get("normalize", spec.normalize)
     if spec.rescale is not None and glob.get("rescale", spec.rescale) != spec.rescale:
-        problems.append(f"rescale: {glob['rescale']} on {merge_method}")
-    if merge_method == "linear" and normalize is not True:
-        problems.append("linear with normalize: false (an unnormalized weighted sum)")
+        _rescale(merge_method, spec, glob["rescale"], parameters, problems)
+    if merge_method == "linear" and not normalize:
+        parameters["normalize"] = False  # sum_i w_i theta_i, not divided by sum_i w_i
     if spec.consensus:
         parameters["merge"] = "mean" if normalize else "sum"
 
@@ -261,6 +262,8 @@ def _translate(
             )
         elif normalize and spec.task_vectors and not spec.consensus:
             problems.append(f"normalize: true on {merge_method} together with `coefficients`")
+        elif given and glob.get("normalize_weights") is False:
+            problems.append("per-model `weight` with normalize_weights: false and `coefficients`")
         elif given and varies(parameters["scale"]) and spec.task_vectors:
             problems.append("a per-model `weight` with a varying `lambda` and `coefficients`")
         elif given and spec.task_vectors and not (spec.consensus and normalize):
@@ -282,6 +285,35 @@ def _translate(
             model["coefficient"] = weight
         recipe["coefficients"] = "manual"
     return {**recipe, "models": models}
+
+
+def _rescale(
+    merge_method: str, spec: _Method, rescale: Any, parameters: dict[str, Any], problems: list[str]
+) -> None:
+    """mergekit's `rescale` against its method's default, where nanmerge can follow it.
+
+    mergekit's rescale scales a sparsified task vector back to its L1 norm. Without a
+    sparsifier, or at density 1 (nothing dropped), it changes nothing. nanmerge's DARE
+    always divides the kept entries by density, so DARE's `rescale: false` (the mask alone)
+    is that result times density: scale * density.
+    """
+    density = parameters.get("density")
+    if not spec.density or density == 1:
+        return
+    if not rescale and spec.name in _DIVIDES_BY_DENSITY:
+        scale = parameters["scale"]
+        if isinstance(scale, int | float) and isinstance(density, int | float):
+            parameters["scale"] = scale * density
+            return
+        problems.append(
+            f"rescale: false on {merge_method} with a `density` or `lambda` that varies "
+            "(nanmerge folds it into one scale, lambda * density)"
+        )
+        return
+    problems.append(
+        f"rescale: {rescale} on {merge_method} (nanmerge's {spec.name} "
+        f"{'divides kept entries by density' if spec.rescale else 'does not rescale'})"
+    )
 
 
 def _slice_sources(
