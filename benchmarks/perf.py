@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import nanmerge
+
 # name -> (hidden, intermediate, layers, attention heads, kv heads, vocab)
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "tiny": (256, 688, 4, 8, 4, 4096),
@@ -38,6 +40,7 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 NOISE = (0.001, 0.002, 0.004)  # fine-tune deltas of different sizes, so NAN is not uniform
 SHARD_BYTES = {"tiny": 4 * 2**20, "small": 200 * 2**20, "medium": 500 * 2**20, "1b": 1000 * 2**20}
+# Parameters that differ from the registry's defaults; every other method runs at its defaults.
 METHODS: dict[str, dict[str, object]] = {
     "task_arithmetic": {},
     "ties": {"density": 0.5},
@@ -234,12 +237,12 @@ class Row:
 def nanmerge_recipe(
     method: str, coefs: object, folders: list[Path], out: Path, extra: dict[str, object]
 ) -> dict[str, object]:
-    uses_base = method != "weight_average"
+    uses_base = nanmerge.METHODS[method].needs_base
     recipe: dict[str, object] = {
         "base": str(folders[0]) if uses_base else None,
         "models": [str(f) for f in folders[1:]],
         "method": method,
-        "parameters": METHODS[method],
+        "parameters": METHODS.get(method, {}),
         "coefficients": coefs,
         "output": str(out),
         "overwrite": True,
@@ -312,7 +315,7 @@ def run_mergekit(exe: str, folders: list[Path], work: Path, methods: list[str]) 
 
     rows = []
     out_bytes = input_bytes(folders[:1])
-    for method in methods:
+    for method in [m for m in methods if m in MERGEKIT]:
         path = work / "mergekit.yaml"
         path.write_text(yaml.safe_dump(mergekit_config(method, folders)))
         used = folders if method != "weight_average" else folders[1:]
@@ -463,7 +466,9 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--out", type=Path, default=Path("results/perf"))
     parser.add_argument("--cache", type=Path, default=Path("cache/perf"))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=sorted(nanmerge.METHODS), default=list(METHODS)
+    )
     parser.add_argument(
         "--coefficients", nargs="+", choices=list(COEFFICIENTS), default=list(COEFFICIENTS)
     )
@@ -522,7 +527,7 @@ def main() -> None:
     if args.mergekit:
         rows += run_mergekit(args.mergekit, folders, work, args.methods)
         print("\nnanmerge / mergekit (uniform coefficients):")
-        for method in args.methods:
+        for method in [m for m in args.methods if m in MERGEKIT]:
             ours = next(r for r in rows if r.tool == "nanmerge" and r.method == method)
             theirs = next(r for r in rows if r.tool == "mergekit" and r.method == method)
             print(

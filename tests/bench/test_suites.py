@@ -17,7 +17,15 @@ from nanmerge.bench import run_suite
 from nanmerge.bench._data_informed import ADAMERGING, ADAMERGING_SCALE
 from nanmerge.bench._digits import SCENARIOS
 from nanmerge.bench._lsq import FAMILIES
-from nanmerge.bench._merging import COEFFICIENTS, LINES, LINES_METHODS, PAIR_LABEL
+from nanmerge.bench._lsq import SIZES as LSQ_SIZES
+from nanmerge.bench._merging import (
+    COEFFICIENTS,
+    LINES,
+    LINES_METHODS,
+    PAIR_LABEL,
+    coefficient_variants,
+    merge_methods,
+)
 from nanmerge.bench._report import _tick_label
 from nanmerge.bench._run import collect
 
@@ -50,11 +58,14 @@ def _keys(result: dict[str, Any]) -> set[tuple[str, str, str, str]]:
 
 def test_lsq_reports_every_method_coefficient_and_reference_row(lsq: dict[str, Any]) -> None:
     keys = _keys(lsq)
+    methods = merge_methods(LSQ_SIZES["tiny"].tasks)
+    assert {"weight_average", "task_arithmetic", "ties"} <= set(methods)
     for family in FAMILIES:
-        for coef in COEFFICIENTS:
-            assert (family, "weight_average", coef, "-") in keys
-            for mode in ("default", "best"):
-                assert (family, "task_arithmetic", coef, mode) in keys
+        for name in methods:
+            modes = ("default", "best") if "scale" in nanmerge.METHODS[name].params else ("-",)
+            for coef in coefficient_variants(name):
+                for mode in modes:
+                    assert (family, name, coef, mode) in keys
         assert (family, "joint optimum", "-", "-") in keys
         for coef in COEFFICIENTS:
             assert (family, "regmean (alpha 1.0)", coef, "-") in keys
@@ -93,7 +104,7 @@ def test_digits_reports_every_registered_method_per_scenario(
                 continue
             method = name if spec.max_models is None else f"{name} {PAIR_LABEL}"
             modes = ("default", "best") if "scale" in spec.params else ("-",)
-            for coef in COEFFICIENTS:
+            for coef in coefficient_variants(name):
                 for mode in modes:
                     assert (scenario, method, coef, mode) in keys
         assert (scenario, "pretrained", "-", "-") in keys

@@ -35,6 +35,7 @@ from nanmerge.bench._merging import (
     PAIR_LABEL,
     State,
     lines_sweep,
+    merge_methods,
     sweep,
     sweep_size,
 )
@@ -45,7 +46,6 @@ __all__ = [
     "SCENARIOS",
     "SIZES",
     "control_note",
-    "merge_methods",
     "run_seed",
     "work_per_seed",
 ]
@@ -67,25 +67,13 @@ def _scores(accuracies: dict[str, float]) -> dict[str, float]:
     }
 
 
-def merge_methods(tasks: int) -> list[str]:
-    """Every registered method that accepts this many models and needs no data statistics
-    (those run in `_data_informed_rows`, after their statistics are computed)."""
-    return [
-        name
-        for name, spec in nanmerge.METHODS.items()
-        if spec.min_models <= tasks
-        and (spec.max_models is None or spec.max_models >= tasks)
-        and not spec.statistics
-    ]
-
-
 def run_seed(
     size: DigitsSize, seed: int, cache_dir: Path, bar: tqdm | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows for every scenario: pretrained, individual fine-tuned, every method x coefficients."""
     rows: list[dict[str, Any]] = []
     infos: list[dict[str, Any]] = []
-    methods = merge_methods(size.tasks)
+    methods = merge_methods(size.tasks, size.methods)
     for scenario in SCENARIOS:
         problem = build(size, scenario, seed, cache_dir, bar)
 
@@ -136,15 +124,17 @@ def _scorer(
     return score
 
 
+def pair_methods(size: DigitsSize) -> list[str]:
+    """The two-model methods (slerp) of this size's selection."""
+    two = merge_methods(2, size.methods)
+    return [name for name in two if nanmerge.METHODS[name].max_models == 2]
+
+
 def _pair_rows(
     size: DigitsSize, problem: Problem, seed: int, bar: tqdm | None
 ) -> list[dict[str, Any]]:
     """Two-model methods (slerp) merge the tasks with the fewest and most data, scored on those."""
-    methods = [
-        name
-        for name, spec in nanmerge.METHODS.items()
-        if spec.max_models == 2 and name not in merge_methods(size.tasks)
-    ]
+    methods = pair_methods(size)
     order = sorted(range(size.tasks), key=lambda i: problem.models.data_sizes[i])
     pair = problem.models.subset((order[0], order[-1]))
     rows = sweep(
@@ -213,9 +203,8 @@ def _fixed_rows(size: DigitsSize, problem: Problem) -> list[dict[str, Any]]:
 
 def work_per_seed(size: DigitsSize) -> int:
     """Fine-tunes plus merges per seed, the units of the progress bar."""
-    pairs = [name for name, spec in nanmerge.METHODS.items() if spec.max_models == 2]
-    merges = sweep_size(merge_methods(size.tasks), size.scale_grid) + sweep_size(
-        [m for m in pairs if m not in merge_methods(size.tasks)], size.scale_grid
+    merges = sweep_size(merge_methods(size.tasks, size.methods), size.scale_grid) + sweep_size(
+        pair_methods(size), size.scale_grid
     )
     lines = len(LINES_METHODS) * len(COEFFICIENTS) * len(size.beta_grid)
     return len(SCENARIOS) * (size.tasks + merges + lines + _data_informed.work())

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
+from nanmerge.bench._merging import DEMO_METHODS
+
 SCENARIOS = ("a_equal_budget", "b_budget_grows", "c_equal_data", "d_noisy_labels")
 PRETRAIN_N, VAL_N, TEST_N = 500, 200, 300
 
@@ -29,6 +31,8 @@ class DigitsSize:
     scale_grid: tuple[float, ...]
     # LiNeS's beta, tuned on validation (the paper searches it on a grid too)
     beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    # the methods scored (None: every registered one); the demo runs a subset to stay short
+    methods: tuple[str, ...] | None = None
 
 
 _FULL = DigitsSize(
@@ -37,7 +41,7 @@ _FULL = DigitsSize(
 SIZES = {
     "tiny": DigitsSize(6, 32, 60, 15, 30, 32, 1e-3, 20, 320, 0.5, (), (0.5,)),
     # the full models (seed 0 checkpoints are shared with `full`), a coarser scale grid
-    "demo": replace(_FULL, scale_grid=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
+    "demo": replace(_FULL, scale_grid=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0), methods=DEMO_METHODS),
     "full": _FULL,
 }
 

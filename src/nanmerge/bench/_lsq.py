@@ -22,10 +22,17 @@ from tqdm import tqdm
 from nanmerge.bench import _data_informed
 from nanmerge.bench._checkpoints import ModelSet, cache_folder, save_checkpoint
 from nanmerge.bench._evaluate import problem_info
-from nanmerge.bench._merging import COEFFICIENTS, UNIFORM, State, sweep, sweep_size
+from nanmerge.bench._merging import (
+    COEFFICIENTS,
+    DEMO_METHODS,
+    UNIFORM,
+    State,
+    merge_methods,
+    sweep,
+    sweep_size,
+)
 from nanmerge.learn import save_statistics
 
-METHODS = ("weight_average", "task_arithmetic")
 # family -> (noise multiplier, solver): `ols_noisy` is the regime where the derivation's
 # premise should hold best (estimation noise dominates the spread of the true solutions).
 FAMILIES = {"ols": (1.0, "ols"), "ols_noisy": (4.0, "ols"), "ridge": (1.0, "ridge")}
@@ -56,12 +63,14 @@ class LsqSize:
     ridge: float
     pretrain_n: int
     scale_grid: tuple[float, ...]
+    # the methods scored (None: every registered one that merges `tasks` models)
+    methods: tuple[str, ...] | None = None
 
 
 _GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
 SIZES = {
     "tiny": LsqSize(4, 6, 2, 20, 2000, 2.0, 0.5, 50.0, 300, (0.1, 0.3)),
-    "demo": LsqSize(6, 10, 3, 20, 2000, 2.0, 0.5, 50.0, 500, _GRID),
+    "demo": LsqSize(6, 10, 3, 20, 2000, 2.0, 0.5, 50.0, 500, _GRID, DEMO_METHODS),
     "full": LsqSize(8, 10, 3, 20, 2000, 2.0, 0.5, 50.0, 500, _GRID),
 }
 
@@ -167,7 +176,8 @@ def run_seed(
         ) -> dict[str, float]:
             return {METRIC: _loss(_from_state(state), train) / best}
 
-        family_rows = sweep(models, METHODS, size.scale_grid, seed, validate, test, bar)
+        methods = merge_methods(size.tasks, size.methods)
+        family_rows = sweep(models, methods, size.scale_grid, seed, validate, test, bar)
         family_rows += _regmean_rows(models, train, seed, validate, test, bar)
         family_rows.append(_fixed_row("joint optimum", 1.0))
         family_rows.append(_fixed_row("pretrained", _loss(w0, train) / best_loss))
@@ -231,4 +241,5 @@ def _fixed_row(label: str, ratio: float) -> dict[str, Any]:
 
 
 def merges_per_seed(size: LsqSize) -> int:
-    return len(FAMILIES) * (sweep_size(METHODS, size.scale_grid) + len(COEFFICIENTS))
+    methods = merge_methods(size.tasks, size.methods)
+    return len(FAMILIES) * (sweep_size(methods, size.scale_grid) + len(COEFFICIENTS))

@@ -7,6 +7,7 @@ chosen on validation data, for uniform and NAN alike.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,23 @@ PAIR_LABEL = "(2 tasks: fewest & most data, scored on those 2)"
 # LiNeS rows: these methods with `lines`, labelled method + LINES, their beta tuned.
 LINES = " + LiNeS"
 LINES_METHODS = ("task_arithmetic", "ties")
+
+
+# The methods `make demo` scores (the full suites score every registered method): the
+# published baselines and one of each later family, so the demo stays within minutes.
+DEMO_METHODS = (
+    "weight_average",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "slerp",
+    "tsv",
+    "iso_c",
+    "consensus",
+    "magmax",
+)
 
 
 def _nan(norm_of: str, granularity: str) -> dict[str, str]:
@@ -75,8 +93,11 @@ def recipe(
 
 
 def merge_state(recipe: Mapping[str, Any]) -> State:
-    """The merged state dict, in memory: a recipe without `output` writes nothing."""
-    result = nanmerge.merge(recipe)
+    """The merged state dict, in memory: a recipe without `output` writes nothing (so what a
+    method keeps beside the model, EMR's masks, is dropped: the suites score the merge)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the method kept", category=UserWarning)
+        result = nanmerge.merge(recipe)
     return {k: v for k, v in result.items()}
 
 
@@ -85,6 +106,25 @@ def estimate(models: ModelSet, coefficients: str) -> Coefficients:
     return nanmerge.estimate_coefficients(
         recipe(models, "task_arithmetic", coefficients, {}, seed=0)
     )
+
+
+def merge_methods(tasks: int, only: Sequence[str] | None = None) -> list[str]:
+    """Every registered method (or those of `only`) that merges this many models and needs
+    no data statistics (those run after their statistics are computed)."""
+    return [
+        name
+        for name, spec in nanmerge.METHODS.items()
+        if spec.min_models <= tasks
+        and (spec.max_models is None or spec.max_models >= tasks)
+        and not spec.statistics
+        and (only is None or name in only)
+    ]
+
+
+def coefficient_variants(method: str) -> tuple[str, ...]:
+    """The coefficient variants a method is scored with: uniform alone for one that has no
+    coefficient slot (it refuses coefficients)."""
+    return COEFFICIENTS if nanmerge.METHODS[method].takes_coefficients else (UNIFORM,)
 
 
 def method_params(method: str) -> dict[str, Any]:
@@ -109,7 +149,7 @@ def sweep(
     rows: list[dict[str, Any]] = []
     for method in methods:
         params = method_params(method)
-        for coef in COEFFICIENTS:
+        for coef in coefficient_variants(method):
             if "scale" not in params:
                 state = merge_state(recipe(models, method, coef, params, seed))
                 rows.append(_row(method, coef, "-", None, validate(state), test(state)))
@@ -161,7 +201,7 @@ def sweep_size(methods: Sequence[str], scale_grid: Sequence[float]) -> int:
     for method in methods:
         params = method_params(method)
         points = len({float(params["scale"]), *scale_grid}) if "scale" in params else 1
-        total += points * len(COEFFICIENTS)
+        total += points * len(coefficient_variants(method))
     return total
 
 
