@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from nanmerge.methods import register
+from nanmerge.methods._registry import _METHODS
 
 
 @dataclass
@@ -55,3 +60,20 @@ def build_family(
 @pytest.fixture
 def family(tmp_path: Path) -> Family:
     return build_family(tmp_path / "inputs")
+
+
+@pytest.fixture
+def temporary() -> Iterator[Callable[..., Callable[..., Any]]]:
+    """Register test-only methods, removed again afterwards."""
+    added: list[str] = []
+
+    def add(**options: Any) -> Callable[..., Any]:
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            added.append(fn.__name__)
+            return register(reference="test", **options)(fn)
+
+        return decorate
+
+    yield add
+    for name in added:
+        _METHODS.pop(name, None)

@@ -158,12 +158,13 @@ def test_methods_lists_every_method_with_parameters_and_reference() -> None:
 def test_methods_states_each_parameters_constraint_in_words() -> None:
     text = CliRunner().invoke(main, ["methods"]).output
     assert "    density=0.2 (a number with 0 < x <= 1)\n" in text
-    assert "    merge=mean (one of 'mean', 'sum')\n" in text
+    assert "    merge=mean (one of 'mean', 'sum', 'count')\n" in text
     assert "    and gamma + density <= 1" in text  # breadcrumbs' rule tying two parameters
+    assert "    t (required; a finite number with x >= 0)\n" in text  # nearswap has no default
     data = json.loads(CliRunner().invoke(main, ["methods", "--json"]).output)
     for row in data.values():  # keys added, none removed
         assert {"parameters", "needs_base", "models", "statistics", "reference"} <= set(row)
-        assert set(row["constraints"]) == set(row["parameters"])
+        assert set(row["constraints"]) == set(row["parameters"]) | set(row["required"])
     assert data["slerp"]["constraints"] == {"t": "a number with 0 <= x <= 1"}
     assert data["ties"]["rule"] is None
 

@@ -34,7 +34,8 @@ ALLOWED = {
     },
     "recipes": {"_types", "_schedule", "recipes"},
     "config": {"_types", "_params", "_schedule", "_yaml", "config", "recipes"},
-    "learn": {"_types", "coefficients", "learn"},
+    # search (learn/_search*) drives merges: it checks recipes and merges through the engine
+    "learn": {"_types", "_params", "_yaml", "coefficients", "config", "engine", "methods", "learn"},
     "cli": {
         "_types",
         "_yaml",

@@ -79,10 +79,52 @@ class Collect(Generic[P]):
     the models and the (c,) base or None); `combine` folds two partial results, so the
     result never needs a whole model in memory. The method then receives the total as its
     `collected` keyword.
+
+    `refine`, when set, takes that total and returns the Collect of one more pass over the
+    model (a second look that needs the first answer: the one histogram bin holding a
+    whole-model top-k cut); its total, refined in turn if it says so, is what the method
+    receives. Each refine costs one more read of every input, which the method states.
     """
 
     partial: Callable[[TensorContext, torch.Tensor, torch.Tensor | None], P]
     combine: Callable[[P, P], P]
+    refine: Callable[[P], Collect[Any]] | None = None
+
+
+class Record(Protocol):
+    """Where a method leaves what it found while merging one tensor, beside the merged tensor.
+
+    A method receives one by declaring a keyword-only `record` parameter (None when called
+    directly without one). `note` values (numbers or short strings: an SVD's approximation
+    error, a kept rank) go to the merge report under the tensor's name; `keep` tensors (a
+    task's packed mask, its rescaler) are written beside the merged checkpoint, named
+    `<key>/<tensor name>`, for methods whose output is more than one model.
+    """
+
+    def note(self, key: str, value: float | int | str) -> None: ...
+
+    def keep(self, key: str, tensor: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How `nanmerge rebuild` makes task t's model from a merge that kept per-task tensors.
+
+    `masks` is the kept key whose (T, ...) rows mark a rebuilt tensor (tensors without it are
+    copied from the merged model). `whole(kept, names, task)` computes, once, the named
+    values every tensor needs from the whole model (EMR's rescaler), from `kept(key, name)`,
+    the kept tensor `key/name`. `tensor(merged, base, kept, *, task, params, whole)` returns
+    task t's tensor as float32, flat, with `kept(key)` reading this tensor's kept entries and
+    `params` the method's parameters for this tensor.
+    """
+
+    masks: str
+    tensor: Callable[..., torch.Tensor]
+    # what a recipe sets for the method to keep its masks (empty when it always does)
+    kept_with: str = ""
+    whole: (
+        Callable[[Callable[[str, str], torch.Tensor], Sequence[str], int], dict[str, float]] | None
+    ) = None
 
 
 @dataclass(frozen=True)

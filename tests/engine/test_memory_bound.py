@@ -86,6 +86,10 @@ def test_peak_memory_growth_stays_within_the_reported_bound(
     assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured
 
 
+# Parameters a method requires (no default), for the test below.
+REQUIRED: dict[str, dict[str, object]] = {"nearswap": {"t": 1e-3}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_stays_within_the_memory_cost_it_states(tmp_path: Path, method: str) -> None:
@@ -98,6 +102,7 @@ def test_every_method_stays_within_the_memory_cost_it_states(tmp_path: Path, met
         "base": base,
         "models": paths,
         "method": method,
+        "parameters": REQUIRED.get(method, {}),
         "output": str(tmp_path / "merged"),
         "max_shard_size": "20MB",
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ from safetensors.torch import save_file
 import nanmerge
 from nanmerge._types import Collect, TensorContext
 from nanmerge.io import SafetensorsFile
-from nanmerge.methods import register
-from nanmerge.methods._registry import _METHODS
+from tests.read_counts import count_reads
 
 SHAPES = {
     "model.embed_tokens.weight": (6, 4),
@@ -37,23 +35,6 @@ def checkpoints(tmp_path: Path) -> tuple[Path, list[Path]]:
         save_file(tensors, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
     return folders[0], folders[1:]
-
-
-@pytest.fixture
-def temporary() -> Iterator[Callable[..., Callable[..., Any]]]:
-    """Register test-only methods, removed again afterwards."""
-    added: list[str] = []
-
-    def add(**options: Any) -> Callable[..., Any]:
-        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            added.append(fn.__name__)
-            return register(reference="test", **options)(fn)
-
-        return decorate
-
-    yield add
-    for name in added:
-        _METHODS.pop(name, None)
 
 
 def _recipe(base: Path, models: list[Path], method: str, **fields: Any) -> dict[str, Any]:
@@ -131,14 +112,7 @@ def test_a_collected_statistic_covers_the_whole_model_chunk_by_chunk(
 def test_model_statistics_and_a_collect_share_one_pass_before_the_merge(
     checkpoints: tuple[Path, list[Path]], temporary: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: dict[str, int] = {}
-    original = SafetensorsFile.read
-
-    def counting(self: SafetensorsFile, name: str, memory: Any) -> torch.Tensor:
-        reads[name] = reads.get(name, 0) + 1
-        return original(self, name, memory)
-
-    monkeypatch.setattr(SafetensorsFile, "read", counting)
+    reads = count_reads(monkeypatch)
 
     @temporary(needs_base=True, elementwise=True, collect=Collect(lambda c, s, b: 1, operator.add))
     def counting_collect(

@@ -246,9 +246,9 @@ def test_a_per_layer_config_list_is_restacked_with_the_layers(pair: Pair, tmp_pa
 def test_coefficients_for_passthrough_are_refused_not_ignored(pair: Pair, tmp_path: Path) -> None:
     a = pair[0]
     weighted = {"model": str(a), "layers": [0, 3], "coefficient": 0.5}
-    with pytest.raises(MergeError, match="'passthrough' weighs nothing"):
+    with pytest.raises(MergeError, match="'passthrough' has no coefficient slot"):
         nanmerge.merge({"slices": [{"sources": [weighted]}], "output": str(tmp_path / "o")})
-    with pytest.raises(MergeError, match="'passthrough' weighs nothing"):
+    with pytest.raises(MergeError, match="'passthrough' has no coefficient slot"):
         nanmerge.merge(
             {"models": [str(a)], "method": "passthrough", "coefficients": "nan", "output": "o"}
         )

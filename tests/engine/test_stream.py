@@ -159,12 +159,19 @@ def test_cuda_merges_match_cpu_merges(wide: Family) -> None:
             torch.testing.assert_close(gpu[k], cpu[k], atol=1e-2, rtol=1e-2)
 
 
-# (the family has three models; passthrough, which merges one, copies it whole or chunked)
+# (the family has three models; passthrough, which merges one, copies it whole or chunked;
+# a method with no coefficient slot runs with uniform coefficients only)
 @pytest.mark.parametrize(
-    "method",
-    sorted(n for n, s in nanmerge.METHODS.items() if s.elementwise and (s.max_models or 3) >= 3),
+    ("method", "coefficients"),
+    [
+        (name, coefficients)
+        for name, spec in sorted(nanmerge.METHODS.items())
+        if spec.elementwise and (spec.max_models or 3) >= 3
+        for coefficients in ("uniform", "nan")
+        if spec.takes_coefficients or coefficients == "uniform"
+    ],
 )
-@pytest.mark.parametrize("coefficients", ["uniform", "nan"])
+@pytest.mark.filterwarnings("ignore:the method kept")  # EMR's masks, dropped without output
 def test_elementwise_methods_merged_in_chunks_equal_the_whole_tensor_merge(
     wide: Family, method: str, coefficients: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,11 +21,21 @@ def test_registry_is_read_only() -> None:
 
 
 def test_params_are_the_keyword_only_hyperparameters_with_defaults() -> None:
-    assert get_method("ties").params == {"density": 0.2, "scale": 1.0, "merge": "mean"}
+    assert get_method("ties").params == {
+        "density": 0.2,
+        "scale": 1.0,
+        "merge": "mean",
+        "trim_scope": "tensor",
+    }
     assert get_method("dare_linear").params == {"density": 0.5, "scale": 0.3}
-    assert get_method("breadcrumbs").params == {"density": 0.9, "gamma": 0.01, "scale": 0.3}
+    assert get_method("breadcrumbs").params == {
+        "density": 0.9,
+        "gamma": 0.01,
+        "scale": 0.3,
+        "trim_scope": "tensor",
+    }
     assert get_method("slerp").params == {"t": 0.5}
-    assert get_method("weight_average").params == {}
+    assert get_method("weight_average").params == {"normalize": True}
 
 
 def test_base_and_model_count_requirements() -> None:

@@ -1,8 +1,10 @@
 """Command line: parse arguments, load a recipe, call the engine, print the report.
 
-One file per concern: `_merge` (run, merge, coefficients), `_inspect` (inspect, methods),
-`_bench` (demo, bench, stats), `_report` (what they print). The engine, io, methods and
-learn (and with them torch) are imported inside the commands that use them, so --help,
+One file per concern: `_merge` (run, merge, coefficients), `_mergekit` (mergekit's flags and
+chained recipes on run), `_inspect` (inspect, methods),
+`_bench` (demo, bench, stats), `_rebuild` (rebuild), `_report` (what they print). The
+engine, io, methods and learn (and with them torch) are imported inside the commands that
+use them, so --help,
 `methods`, `inspect --headers-only` and recipe errors answer at once.
 """
 
@@ -15,6 +17,8 @@ import click
 from nanmerge.cli._bench import bench, demo, stats
 from nanmerge.cli._inspect import inspect_command, methods
 from nanmerge.cli._merge import coefficients, merge, run
+from nanmerge.cli._rebuild import rebuild
+from nanmerge.cli._search import search
 
 __all__ = ["main"]
 
@@ -43,5 +47,6 @@ def _keep_freed_memory() -> None:
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap, not mmap, up to glibc's 32 MiB maximum
 
 
-for _command in (run, merge, coefficients, inspect_command, methods, demo, bench, stats):
+for _command in (run, merge, coefficients, inspect_command, methods, demo, bench, stats, rebuild):
     main.add_command(_command)
+main.add_command(search)

@@ -97,6 +97,7 @@ def methods(as_json: bool) -> None:
     rows: dict[str, dict[str, Any]] = {
         name: {
             "parameters": spec.params,
+            "required": [k for k in spec.signature.words if k not in spec.params],
             "constraints": spec.signature.words,
             "rule": None if spec.validate is None else inspect.getdoc(spec.validate),
             "needs_base": spec.needs_base,
@@ -111,6 +112,8 @@ def methods(as_json: bool) -> None:
         return
     for name, row in rows.items():
         click.echo(f"{name:<16} {row['reference']}")
+        for key in row["required"]:
+            click.echo(f"    {key} (required; {row['constraints'][key]})")
         for key, default in row["parameters"].items():
             click.echo(f"    {key}={default} ({row['constraints'][key]})")
         if row["rule"]:

@@ -32,10 +32,11 @@ from nanmerge.engine._stream import (
 
 
 def multi_task_alpha(
-    plan: Plan, coefficients: Coefficients, *, progress: bool
+    plan: Plan, coefficients: Coefficients, *, progress: bool, collected: object = None
 ) -> tuple[float, dict[str, float]]:
     """The paper's alpha, from one pass that merges every tensor at scale 1 (the same
-    coefficients, draws and statistics as the merge) and sums two L1 norms in float64."""
+    coefficients, draws, statistics and `collected` whole-model statistic as the merge) and
+    sums two L1 norms in float64."""
     names = [n for n, _ in plan.entries if n in plan.merged]
     per_tensor = plan.estimator.needs(plan.estimator_options) == "tensor"
     summed = merged = 0.0
@@ -49,7 +50,7 @@ def multi_task_alpha(
             assert base is not None
             summed += float(torch.mv((stack - base).t(), coef).abs().sum(dtype=torch.float64))
         base = item.base.to(torch.float32)  # the merge of a whole stack frees the inputs
-        inputs = method_inputs(plan, item.name, None) | {SCALE: 1.0}
+        inputs = method_inputs(plan, item.name, collected) | {SCALE: 1.0}
         delta = merge_tensor(plan, item, coef, torch.float32, inputs).sub_(base)
         merged += float(delta.abs().sum(dtype=torch.float64))
         bar.update()
@@ -59,12 +60,17 @@ def multi_task_alpha(
 
 
 def lines_overrides(
-    plan: Plan, spec: LinesSpec, coefficients: Coefficients, *, progress: bool
+    plan: Plan,
+    spec: LinesSpec,
+    coefficients: Coefficients,
+    *,
+    progress: bool,
+    collected: object = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Each merged tensor's scale, and what the report says about them."""
     report: dict[str, Any] = {"beta": spec.beta, "reference": "https://arxiv.org/abs/2410.17146"}
     if spec.alpha is None:
-        alpha, norms = multi_task_alpha(plan, coefficients, progress=progress)
+        alpha, norms = multi_task_alpha(plan, coefficients, progress=progress, collected=collected)
         report |= {"alpha": alpha, "alpha_from": "L1 norms (the paper's multi-task rule)", **norms}
     else:
         alpha = spec.alpha

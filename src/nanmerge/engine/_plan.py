@@ -277,6 +277,30 @@ def _layout(
     return entries, merged, fill
 
 
+def _matrix_problems(
+    method: MethodSpec | None,
+    routes: Mapping[str, Route],
+    entries: list[tuple[str, TensorMeta]],
+    merged: set[str],
+) -> list[str]:
+    """A method that merges 2-D matrices by their singular vectors (TSV, Iso-C) given no
+    2-D tensor to merge: it would only average every tensor, so it is refused up front."""
+    has_matrix: dict[str, bool] = {}
+    merges: dict[str, list[str]] = {}
+    for name, meta in entries:
+        spec = routes[name].method if name in routes else method
+        if name in merged and spec is not None and spec.needs_matrices:
+            has_matrix[spec.name] = has_matrix.get(spec.name, False) or len(meta.shape) == 2
+            merges.setdefault(spec.name, []).append(f"'{name}' {tuple(meta.shape)}")
+    return [
+        f"method '{m}' merges 2-D weight matrices through their singular vectors, but none of "
+        f"the {len(merges[m])} tensor(s) it merges is 2-D (e.g. {', '.join(merges[m][:3])}), "
+        "so it would only average them; use task_arithmetic or weight_average for these inputs"
+        for m, found in has_matrix.items()
+        if not found
+    ]
+
+
 def _check_device(recipe: Recipe, problems: list[str]) -> None:
     """The merge's device must exist here before any tensor is read."""
     try:
@@ -335,6 +359,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
                 configured_layers=sliced.num_layers or config_layers(_side_file_folder(opened)),
             )
             problems += lines_problems(recipe, method, contexts)
+            problems += _matrix_problems(method, sliced.routes, entries, merged)
             layered = layer_values(recipe, method, contexts, merged, problems)
             # each slice's own depth (none without slices, or when the layout failed)
             depth = zip(resolved, sliced.depth, strict=False)

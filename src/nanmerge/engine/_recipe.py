@@ -14,6 +14,7 @@ from nanmerge.config import CoefficientSpec, Recipe
 from nanmerge.engine._layered import coefficient_problems, parameter_problems
 from nanmerge.io import parse_size
 from nanmerge.methods import MethodSpec, count_problem, get_method
+from nanmerge.methods._registry import count_rule_problems
 
 
 def fail(problems: list[str]) -> None:
@@ -50,7 +51,8 @@ def resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, 
         return None, {}
     problems += parameter_problems(spec, recipe.parameters)
     if recipe.slices is None:  # with slices, each slice's sources are what is merged
-        problems += _input_problems(spec, len(recipe.models), recipe.base is not None)
+        has_base = recipe.base is not None
+        problems += _input_problems(spec, len(recipe.models), has_base, recipe.parameters)
         problems += _coefficient_problems(spec, asked=_asks_coefficients(recipe))
     return spec, {**spec.params, **recipe.parameters}
 
@@ -64,18 +66,23 @@ def _asks_coefficients(recipe: Recipe) -> bool:
 
 
 def _coefficient_problems(spec: MethodSpec, *, asked: bool) -> list[str]:
-    """A method that weighs nothing refuses coefficients rather than ignore them."""
+    """A method with no coefficient slot refuses coefficients rather than ignore them."""
     if spec.takes_coefficients or not asked:
         return []
     return [
-        f"method '{spec.name}' weighs nothing (it copies one model), so coefficients would be "
+        f"method '{spec.name}' has no coefficient slot (it copies or selects entries rather "
+        "than weighing models), so coefficients would be "
         "ignored; remove `coefficients` and any `coefficient`"
     ]
 
 
-def _input_problems(spec: MethodSpec, count: int, has_base: bool) -> list[str]:
-    """Whether `count` models (with or without a base) are what `spec` merges."""
+def _input_problems(
+    spec: MethodSpec, count: int, has_base: bool, params: dict[str, Any]
+) -> list[str]:
+    """Whether `count` models (with or without a base) are what `spec` merges, with
+    `params` (its rule tying them to the model count, such as consensus's k <= M)."""
     problems = [p for p in [count_problem(spec, count)] if p]
+    problems = problems or count_rule_problems(spec, params, count)
     if spec.needs_base and not has_base:
         problems.append(
             f"method '{spec.name}' adds task vectors (model - base) and needs `base`: "
@@ -97,8 +104,8 @@ def resolve_slices(recipe: Recipe, problems: list[str]) -> list[tuple[MethodSpec
             problems.append(f"slices[{i}]: {exc}")
             continue
         found = parameter_problems(spec, params)
-        found += _input_problems(spec, len(piece.sources), recipe.base is not None)
-        if spec.collect is not None or spec.statistics:
+        found += _input_problems(spec, len(piece.sources), recipe.base is not None, params)
+        if spec.collect_for(params) is not None or spec.statistics:
             found.append(f"method '{name}' reads whole-model statistics, which slices do not have")
         given = any(s.coefficient is not None for s in piece.sources)
         asked = given or (_asks_coefficients(recipe) and not _needs_norms(recipe))

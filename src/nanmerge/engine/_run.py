@@ -23,10 +23,12 @@ from nanmerge._types import Coefficients, TensorNorms
 from nanmerge._version import __version__
 from nanmerge.coefficients import cancellation_warning, identical_models, model_norms
 from nanmerge.config import Recipe, load_recipe
+from nanmerge.engine._chat_template import chat_template_files
 from nanmerge.engine._copied import copied_tensor_warning
 from nanmerge.engine._layered import with_multipliers
 from nanmerge.engine._lines import lines_overrides
 from nanmerge.engine._plan import Plan, plan, same_file_pairs
+from nanmerge.engine._record import KeptFiles, Recorder, discarded_warning
 from nanmerge.engine._slices import layer_count_config
 from nanmerge.engine._stream import CHUNK, Collected, collect_pass, merge_stream
 from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
@@ -66,7 +68,7 @@ def _initial_coefficients(p: Plan, *, progress: bool) -> tuple[Coefficients, Col
     estimator (model-level statistics) and the method (its `collect`) need, if either does."""
     needs = p.estimator.needs(p.estimator_options)
     collected = Collected({})
-    if needs == "model" or p.method.collect is not None:
+    if needs == "model" or p.method.collect_for(p.params) is not None:
         collected = collect_pass(p, progress=progress)
     if needs == "tensor":
         coefficients = Coefficients(p.model_names, p.estimator.name)
@@ -250,11 +252,12 @@ def merge(
         if r.lines is not None:
             start = time.perf_counter()
             collected.overrides, collected.lines = lines_overrides(
-                p, r.lines, coefficients, progress=progress
+                p, r.lines, coefficients, progress=progress, collected=collected.method
             )
             timings["lines_pass"] = time.perf_counter() - start
         if r.output is None:
             state: dict[str, torch.Tensor] = {}
+            recorder = Recorder(None)  # no report and no folder: notes and kept are dropped
             merge_stream(
                 p,
                 coefficients,
@@ -262,7 +265,9 @@ def merge(
                 progress=progress,
                 collected=collected.method,
                 overrides=collected.overrides,
+                recorder=recorder,
             )
+            discarded_warning(recorder)
             return state
         with _signals_end_like_ctrl_c():
             return _write(p, coefficients, timings, collected, progress=progress)
@@ -281,6 +286,12 @@ def _write(
     """Merge into a temporary folder and move it into place; the report says what was done."""
     r = p.recipe
     assert r.output is not None
+    inputs = [getattr(c, "folder", None) for c in [p.base, *p.models] if c is not None]
+    template = (
+        {}
+        if r.chat_template is None
+        else chat_template_files(r.chat_template, p.copy_files_from, inputs)
+    )
     metadata = {"merged_with": f"nanmerge {__version__}", "method": p.method.name}
     writer = (
         ModelWriter(
@@ -303,8 +314,10 @@ def _write(
             inputs=p.protected,
         )
     )
-    with writer:
+    shard_size = parse_size(r.max_shard_size)
+    with writer, KeptFiles(writer.temp_dir, max_shard_size=shard_size, metadata=metadata) as kept:
         start = time.perf_counter()
+        recorder = Recorder(kept.write)
         norms = merge_stream(
             p,
             coefficients,
@@ -312,15 +325,20 @@ def _write(
             progress=progress,
             collected=collected.method,
             overrides=collected.overrides,
+            recorder=recorder,
         )
         timings["merge"] = time.perf_counter() - start
         _finish(p, coefficients, norms)
         extra = {"collect_pass": collected.ran, "lines": collected.lines}
         report = _report(p, coefficients, timings, extra)
+        report["method_notes"] = recorder.notes
         report["output"] = {
             "path": str(r.output),
             "weight_files": list(writer.shard_names),
             "notes": writer.notes,
+            "kept": kept.finish(
+                models=len(p.models), model_bytes=sum(m.nbytes for _, m in p.entries)
+            ),
         }
         if isinstance(writer, LoraWriter):
             report["output"]["lora"] = writer.summary()
@@ -329,6 +347,8 @@ def _write(
             config = p.num_layers and layer_count_config(p.copy_files_from, p.source_layers)
             if config:
                 writer.add_file("config.json", config)
+        for name, text in template.items():
+            writer.add_file(name, text)
         writer.add_file("merge_report.json", json.dumps(report, indent=2))
         writer.add_file("README.md", _model_card(report))
         writer.finalize()

@@ -16,10 +16,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nanmerge._types import Checkpoint, Coefficients, MergeError, TensorNorms
+from nanmerge._types import (
+    Checkpoint,
+    Coefficients,
+    Collect,
+    MergeError,
+    TensorContext,
+    TensorNorms,
+)
 from nanmerge.coefficients import tensor_norms
 from nanmerge.coefficients._norms import NORM_BLOCK
 from nanmerge.engine._plan import Plan
+from nanmerge.engine._record import Recorder, TensorRecord
 from nanmerge.engine._threads import BackgroundSink, ReadBuffers, prefetch, to_cpu
 from nanmerge.io import CheckpointReader
 from nanmerge.methods import tensor_generator
@@ -240,9 +248,10 @@ class Collected:
 def collect_pass(plan: Plan, *, progress: bool) -> Collected:
     """Read every floating tensor once, chunk by chunk, for everything gathered before the
     merge: the norms (which double as the inputs' finiteness check) and the method's
-    `collect`, folded chunk after chunk so no whole model is ever held."""
+    `collect`, folded chunk after chunk so no whole model is ever held; then once more for
+    each `refine` the collect asks for (a second look that needs the first total)."""
     names = [n for n, _ in plan.entries if n in plan.merged]
-    collect = plan.method.collect
+    collect = plan.method.collect_for(plan.params)
     out = Collected({}, ran=True)
     bar = tqdm(total=len(names), desc="collecting", unit="tensor", disable=not progress)
     for item in _loads(plan, names, reuse=True):
@@ -250,24 +259,56 @@ def collect_pass(plan: Plan, *, progress: bool) -> Collected:
         for _, stack, base in _chunks(item):
             parts.append(tensor_norms(stack, base))
             if collect is not None:
-                part = collect.partial(plan.contexts[item.name], stack, base)
-                out.method = part if out.method is None else collect.combine(out.method, part)
+                out.method = _fold(collect, out.method, plan.contexts[item.name], stack, base)
         out.norms[item.name] = checked_norms(plan, item, parts)
         bar.update()
     bar.close()
+    while collect is not None and collect.refine is not None and out.method is not None:
+        collect = collect.refine(out.method)
+        out.method = _collect_again(plan, names, collect, progress=progress)
     return out
 
 
-def method_inputs(plan: Plan, name: str, collected: object) -> dict[str, object]:
+def _fold(
+    collect: Collect[Any],
+    total: object,
+    context: TensorContext,
+    stack: torch.Tensor,
+    base: torch.Tensor | None,
+) -> object:
+    part = collect.partial(context, stack, base)
+    return part if total is None else collect.combine(total, part)
+
+
+def _collect_again(
+    plan: Plan, names: list[str], collect: Collect[Any], *, progress: bool
+) -> object:
+    """One more read of every merged tensor, chunk by chunk, for `collect` alone."""
+    total = None
+    bar = tqdm(total=len(names), desc="collecting again", unit="tensor", disable=not progress)
+    for item in _loads(plan, names, reuse=True):
+        for _, stack, base in _chunks(item):
+            total = _fold(collect, total, plan.contexts[item.name], stack, base)
+        bar.update()
+    bar.close()
+    return total
+
+
+def method_inputs(
+    plan: Plan, name: str, collected: object, record: TensorRecord | None = None
+) -> dict[str, object]:
     """The per-tensor keyword inputs the method asks for: its seeded generator, the tensor's
-    context, the collected whole-model statistic, its statistics files' entries, and the
-    values of its parameters that vary by tensor (schedules, filters)."""
+    context, the collected whole-model statistic, its statistics files' entries, the
+    values of its parameters that vary by tensor (schedules, filters), and its record
+    (None outside the merge pass: what a method finds in a pass before it is not kept)."""
     spec = plan.method_of(name)
     inputs: dict[str, object] = dict(plan.layered.params.get(name, {}))
     if spec.uses_generator:
         inputs["generator"] = tensor_generator(plan.recipe.seed, name)
     if spec.uses_context:
         inputs["context"] = plan.contexts[name]
+    if spec.uses_record:
+        inputs["record"] = record
     if spec.collect is not None:
         inputs["collected"] = collected
     if plan.statistics is not None:
@@ -290,11 +331,13 @@ def merge_stream(
     progress: bool,
     collected: object = None,
     overrides: Mapping[str, Mapping[str, object]] | None = None,
+    recorder: Recorder | None = None,
 ) -> dict[str, TensorNorms]:
     """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
     estimators are evaluated on the way. `collected` is the method's whole-model statistic
     from `collect_pass`, when it declares one; `overrides` are per-tensor parameter values
-    that replace the recipe's (LiNeS's scale by depth).
+    that replace the recipe's (LiNeS's scale by depth); `recorder` hands a method that
+    declares `record` one per tensor, and takes its notes and kept tensors once it is merged.
 
     Returns the norms of every merged tensor (for the report). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
@@ -304,11 +347,12 @@ def merge_stream(
     out_meta = dict(plan.entries)
     norms: dict[str, TensorNorms] = {}
 
-    def merge_one(item: Loaded) -> torch.Tensor:
+    def merge_one(item: Loaded, record: TensorRecord | None) -> torch.Tensor:
         if item.models is None:
             assert item.raw is not None
             return item.raw
-        inputs = method_inputs(plan, item.name, collected) | dict(overrides.get(item.name, {}))
+        inputs = method_inputs(plan, item.name, collected, record)
+        inputs |= dict(overrides.get(item.name, {}))
         dtype, device = out_meta[item.name].dtype, item.models[0].device
         # with the coefficients known before the merge, the norms come from its own pass
         fused = plan.method_of(item.name).elementwise and not per_tensor
@@ -332,8 +376,12 @@ def merge_stream(
     loaded = _loads(plan, names, reuse=plan.method.elementwise)
     with writer as write, closing(loaded):
         for name in names:
+            spec = plan.method_of(name)
+            record = None if recorder is None else recorder.start(spec, name)
             # no name holds the inputs: they are freed before the result waits for the writer
-            write(name, merge_one(next(loaded)))
+            write(name, merge_one(next(loaded), record))
+            if record is not None and recorder is not None:
+                recorder.finish(record)
             bar.update()
     bar.close()
     return norms

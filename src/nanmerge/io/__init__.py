@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._checkpoint import NON_WEIGHT_FILES, CheckpointReader
 from ._hub import HubRepo, hub_cache_dir, hub_snapshot, model_folder, parse_repo_id
 from ._inspect import format_inspection, inspect_checkpoint
+from ._kept import KEPT_FOLDER, KeptWriter
 from ._lora import LoraAdapter, is_lora_adapter, open_model
 from ._lora_writer import LoraWriter
 from ._output import Protected, output_problems, protected_paths
@@ -13,9 +14,11 @@ from ._safetensors import SafetensorsFile
 from ._writer import ModelWriter, escaping_side_files, parse_size
 
 __all__ = [
+    "KEPT_FOLDER",
     "NON_WEIGHT_FILES",
     "CheckpointReader",
     "HubRepo",
+    "KeptWriter",
     "LoraAdapter",
     "LoraWriter",
     "ModelWriter",

@@ -6,8 +6,12 @@ Every method is `fn(tensors, coef, *, base=None, **hyperparameters) -> Tensor` w
 
 from __future__ import annotations
 
+from nanmerge.methods._competition import magmax, pcb
+from nanmerge.methods._consensus import consensus, emr
 from nanmerge.methods._data_informed import fisher, regmean
+from nanmerge.methods._dc_merge import dc_merge
 from nanmerge.methods._linear import passthrough, weight_average
+from nanmerge.methods._model_stock import model_stock
 from nanmerge.methods._registry import (
     METHODS,
     MethodSpec,
@@ -16,9 +20,11 @@ from nanmerge.methods._registry import (
     get_method,
     register,
 )
-from nanmerge.methods._slerp import slerp
+from nanmerge.methods._selective import arcee_fusion, nearswap
+from nanmerge.methods._slerp import karcher, multislerp, nuslerp, slerp
 from nanmerge.methods._sparsify import tensor_generator
 from nanmerge.methods._statistic_kinds import STATISTIC_KINDS, STATISTICS, StatisticKind
+from nanmerge.methods._subspace import iso_c, iso_cts, tsv
 from nanmerge.methods._task_arithmetic import (
     breadcrumbs,
     dare_linear,
@@ -26,6 +32,7 @@ from nanmerge.methods._task_arithmetic import (
     task_arithmetic,
     ties,
 )
+from nanmerge.methods._widen import widen
 
 __all__ = [
     "METHODS",
@@ -33,19 +40,34 @@ __all__ = [
     "STATISTIC_KINDS",
     "MethodSpec",
     "StatisticKind",
+    "arcee_fusion",
     "breadcrumbs",
     "check_params",
+    "consensus",
     "count_problem",
     "dare_linear",
     "dare_ties",
+    "dc_merge",
+    "emr",
     "fisher",
     "get_method",
+    "iso_c",
+    "iso_cts",
+    "karcher",
+    "magmax",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
     "passthrough",
+    "pcb",
     "register",
     "regmean",
     "slerp",
     "task_arithmetic",
     "tensor_generator",
     "ties",
+    "tsv",
     "weight_average",
+    "widen",
 ]

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 from nanmerge._params import Finite, Interval, Signature, Validator, did_you_mean
-from nanmerge._types import Collect, MemoryCost, MergeError
+from nanmerge._types import Collect, MemoryCost, MergeError, Rebuild
 from nanmerge.methods._statistic_kinds import STATISTICS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
@@ -26,7 +26,7 @@ F = TypeVar("F", bound="Callable[..., torch.Tensor]")
 
 # Keyword arguments that are inputs rather than hyperparameters (`bands` and `offset` carry
 # a chunked merge's per-tensor preparation and the chunk's position).
-_INPUTS = ("base", "generator", "bands", "offset", "context", "collected")
+_INPUTS = ("base", "generator", "bands", "offset", "context", "collected", "record")
 # Per-tensor statistics a data-informed method reads (stacked (M, ...), one per model) come
 # from the kinds in `STATISTICS`; the engine looks them up by tensor name in the recipe's
 # `statistics` files.
@@ -65,6 +65,9 @@ class MethodSpec:
     statistics: tuple[str, ...] = ()
     # A rule that ties hyperparameters together, checked after each one's own constraint.
     validate: Validator | None = None
+    # A rule that ties hyperparameters to the number of models (consensus's k <= M),
+    # checked by the recipe checks before any input is read, and at each direct call.
+    validate_count: Callable[[Mapping[str, Any], int], list[str]] | None = None
     # Elementwise methods can be merged chunk by chunk of the flattened tensor. `prepare`,
     # when set, computes from the whole tensors (models as read, base) the keyword inputs
     # that make the method elementwise, and the method then takes each chunk's `offset`.
@@ -72,14 +75,29 @@ class MethodSpec:
     prepare: Callable[..., dict[str, Any]] | None = None
     # A method that declares a `context` keyword receives each tensor's TensorContext (so
     # does its `prepare`); one with `collect` receives the whole model's total as `collected`.
+    # `collect` may depend on the parameters: a function of them returning one, or None.
     uses_context: bool = False
-    collect: Collect[Any] | None = None
+    collect: Collect[Any] | Callable[[Mapping[str, Any]], Collect[Any] | None] | None = None
+    # A method that declares a `record` keyword receives a `Record` for each tensor.
+    uses_record: bool = False
     memory: MemoryCost = WHOLE_STACK
     # Whether, with these parameters, the method divides by the sum of the coefficients
     # (w_i = coef_i / sum(coef)), where nearly cancelling coefficients blow the weights up.
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False
-    # False for a method that weighs nothing (passthrough): coefficients are refused for it
+    # False for a method with no coefficient slot (passthrough, magmax): coefficients refused
     takes_coefficients: bool = True
+    # How `nanmerge rebuild` makes one task's model, for a method that keeps per-task tensors
+    rebuild: Rebuild | None = None
+    # True for a method that merges 2-D matrices through their singular vectors (TSV,
+    # Iso-C): the plan refuses a model with no 2-D tensor to merge, before any work.
+    needs_matrices: bool = False
+
+    def collect_for(self, params: Mapping[str, Any]) -> Collect[Any] | None:
+        """The whole-model statistic the method gathers with these parameters (over its
+        defaults), or None when it needs none."""
+        if self.collect is None or isinstance(self.collect, Collect):
+            return self.collect
+        return self.collect({**self.params, **params})
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -95,10 +113,13 @@ def register(
     elementwise: bool = False,
     prepare: Callable[..., dict[str, Any]] | None = None,
     validate: Validator | None = None,
-    collect: Collect[Any] | None = None,
+    validate_count: Callable[[Mapping[str, Any], int], list[str]] | None = None,
+    collect: Collect[Any] | Callable[[Mapping[str, Any]], Collect[Any] | None] | None = None,
     memory: MemoryCost | None = None,
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False,
     takes_coefficients: bool = True,
+    needs_matrices: bool = False,
+    rebuild: Rebuild | None = None,
 ) -> Callable[[F], F]:
     """Register a merge function under its own name.
 
@@ -106,8 +127,11 @@ def register(
     hyperparameters before running, so direct calls fail as clearly as recipe runs do.
     `averages` says, given the parameters, whether the method divides by the coefficients'
     sum. `collect` declares a whole-model statistic, which the engine gathers in its one pass
-    before the merge and hands over as `collected`; `memory` states the working set where
+    before the merge and hands over as `collected` (a function of the parameters when only
+    some of them need it: see `MethodSpec.collect_for`); `memory` states the working set where
     it differs from the engine's for chunked (elementwise) or whole-stack methods.
+    `validate_count(params, models)` ties parameters to the number of models; the recipe
+    checks run it before any input is opened.
     """
 
     def decorate(fn: F) -> F:
@@ -123,6 +147,9 @@ def register(
             if problems:
                 raise MergeError("; ".join(problems))
             tensors, coef = _checked_inputs(spec, tensors, coef, kwargs.get("base"))
+            problems = count_rule_problems(spec, hyper, tensors.shape[0])
+            if problems:
+                raise MergeError("; ".join(problems))
             return fn(tensors, coef, **kwargs)
 
         spec = MethodSpec(
@@ -135,15 +162,19 @@ def register(
             params=declared.defaults,
             signature=declared,
             validate=validate,
+            validate_count=validate_count,
             uses_generator="generator" in signature.parameters,
             statistics=tuple(n for n in signature.parameters if n in STATISTICS),
             elementwise=elementwise,
             prepare=prepare,
             uses_context="context" in signature.parameters,
+            uses_record="record" in signature.parameters,
             collect=collect,
             memory=memory or (ELEMENTWISE if elementwise else WHOLE_STACK),
             averages=averages,
             takes_coefficients=takes_coefficients,
+            rebuild=rebuild,
+            needs_matrices=needs_matrices,
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)
@@ -199,6 +230,13 @@ def count_problem(spec: MethodSpec, m: int) -> str | None:
         upper = "" if spec.max_models is None else f" and at most {spec.max_models}"
         wanted = f"at least {spec.min_models}{upper}"
     return f"method '{spec.name}' needs {wanted} models; the recipe has {m}"
+
+
+def count_rule_problems(spec: MethodSpec, params: Mapping[str, Any], m: int) -> list[str]:
+    """Why `params` (over the defaults) do not fit `m` models, by the method's own rule."""
+    if spec.validate_count is None:
+        return []
+    return [f"{spec.name}: {p}" for p in spec.validate_count({**spec.params, **params}, m)]
 
 
 def get_method(name: str) -> MethodSpec:

@@ -3,13 +3,15 @@
 Each mask is computed per model over one tensor. Magnitude masks keep exact counts: the
 k-th largest magnitude is found by selection (introselect, linear time), everything above
 it is kept, and entries equal to it are kept in index order until the count is exact. No
-tensor is sorted.
+tensor is sorted. A whole-model trim (`_model_trim`) keeps every entry at or above each
+model's k-th largest over all its tensors instead (`at_least`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -219,6 +221,20 @@ def _cut_among(values: np.ndarray, positions: np.ndarray, k: int) -> Cut:
     # fewer ties than missing only with NaN entries, which the engine then reports
     ties = positions[values == threshold][: max(missing, 0)]
     return Cut(threshold, int(ties[-1]) if len(ties) else -1)
+
+
+def at_least(threshold: float) -> Cut:
+    """Every entry >= threshold, ties at it included (+inf keeps none, -inf keeps all)."""
+    if threshold == math.inf:
+        return KEEP_NONE
+    return KEEP_ALL if threshold == -math.inf else Cut(threshold, sys.maxsize)
+
+
+def band_ranks(numel: int, *, density: float, gamma: float = 0.0) -> tuple[int, int]:
+    """The ranks of a band's two cuts among numel magnitudes (see `band_counts`): the k-th
+    largest kept, and the k-th largest dropped (0: none)."""
+    n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
+    return n_top + n_keep, n_top
 
 
 def keep_probability(density: float) -> float:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from nanmerge.methods._model_trim import Selection, model_bands, select, whole_model_cuts
 from nanmerge.methods._registry import Density, Gamma, Scale, register
 from nanmerge.methods._sparsify import (
     KEEP_ALL,
@@ -23,6 +24,7 @@ from nanmerge.methods._sparsify import (
     BracketedCut,
     band_counts,
     band_of,
+    band_ranks,
     keep_probability,
     random_mask,
     top_cut,
@@ -34,7 +36,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
 # Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
 PIECE = 1 << 19
 
-Merge = Literal["mean", "sum"]
+Merge = Literal["mean", "sum", "count"]
+# Where a trim ranks magnitudes: within each tensor, or over each model's whole task vector.
+TrimScope = Literal["tensor", "model"]
 # sparsify(task_vectors, coef, **params) -> the per-model weights of the kept entries; it
 # updates the (M, *shape) task vectors in place.
 Sparsify = Callable[..., "torch.Tensor"]
@@ -55,11 +59,18 @@ def trim(
     gamma: float = 0.0,
     bands: Sequence[Band] | None = None,
     offset: int = 0,
+    trim_scope: TrimScope = "tensor",
+    collected: Selection | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Keep each model's band of magnitudes: the top round(gamma n) dropped, the next
-    max(1, round(density n)) kept; `bands` found over the whole tensor make it elementwise."""
+    max(1, round(density n)) kept; `bands` found over the whole tensor make it elementwise.
+    With trim_scope="model" the cuts are the whole model's (`collected`); without them this
+    tensor is taken as the whole model."""
     flat = task_vectors.view(task_vectors.shape[0], -1)
+    if bands is None and trim_scope == "model":
+        ranks = band_ranks(flat.shape[1], density=density, gamma=gamma)
+        bands = model_bands(collected or select(task_vectors, ranks))
     for i, row in enumerate(flat):
         magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
         band = band_of(magnitudes, density=density, gamma=gamma) if bands is None else bands[i]
@@ -102,7 +113,8 @@ def elect_signs(
     """TIES: sign(sum_i weights_i tau_i) per entry; an entry of model i is kept when
     weights_i tau_i has that sign, so zeros (and entries whose elected sum is exactly zero)
     contribute nothing. merge="mean" divides by sum_i coef_i over the kept entries (0 where
-    that is 0); "sum" does not divide."""
+    that is 0); "count" by how many models are kept there (the TIES paper's disjoint mean);
+    "sum" does not divide."""
     import torch
 
     flat_shape = (task_vectors.shape[0], -1)
@@ -116,6 +128,8 @@ def elect_signs(
         # 0 where no coefficient is kept: x / 0 is inf or nan there (and a quotient past
         # float32's range, which finite inputs reach only with absurd coefficients)
         merged.div_(divisor).nan_to_num_(0.0, 0.0, 0.0)
+    elif merge == "count":
+        merged.div_(kept.sum(dim=0)).nan_to_num_(0.0)  # 0 / 0 where no model is kept
     return merged
 
 
@@ -159,10 +173,14 @@ def task_vector_bands(
     *,
     density: float,
     gamma: float = 0.0,
+    trim_scope: TrimScope = "tensor",
+    collected: Selection | None = None,
     **_: object,
 ) -> dict[str, list[Band]]:
     """Each model's magnitude band over its whole task vector: what makes trimming methods
     elementwise, so they can be merged chunk by chunk (`bands` of their merge function).
+    With trim_scope="model" the bands come from the whole model's cuts (`collected`), or,
+    without them, from this tensor taken as the whole model.
 
     tau_i is formed in float32 from the tensors as stored (bf16 included), as the merge
     forms it. On CPU the magnitudes of all models are computed piece by piece into one
@@ -173,6 +191,12 @@ def task_vector_bands(
     """
     import torch
 
+    if trim_scope == "model":
+        if collected is None:
+            task_vectors = torch.stack([m.float() for m in models]) - base.float()
+            ranks = band_ranks(base.numel(), density=density, gamma=gamma)
+            collected = select(task_vectors, ranks)
+        return {"bands": model_bands(collected)}
     base = base.reshape(-1)
     numel = base.numel()
     flats = [model.reshape(-1) for model in models]
@@ -235,6 +259,7 @@ def task_arithmetic(
     elementwise=True,
     prepare=task_vector_bands,
     averages=_averages,
+    collect=whole_model_cuts,
 )
 def ties(
     tensors: torch.Tensor,
@@ -244,18 +269,27 @@ def ties(
     density: Density = 0.2,
     scale: Scale = 1.0,
     merge: Merge = "mean",
+    trim_scope: TrimScope = "tensor",
     bands: Sequence[Band] | None = None,
     offset: int = 0,
+    collected: Selection | None = None,
 ) -> torch.Tensor:
     """TIES: trim each task vector to its top-k magnitudes, elect signs, merge agreeing entries.
 
-    https://arxiv.org/abs/2306.01708. Trimming is per model and per tensor, keeping exactly
-    k = max(1, round(density * numel)) entries (half up). Peers differ: mergekit also trims
-    per tensor but with k = int(density * numel), elects on the weighted sum, breaks a zero
-    sum towards +, and defaults density to 1.0; FusionBench trims over the whole flattened
-    model with a threshold (ties at it all survive), elects on the unweighted sum and divides
-    by the count of kept entries; PEFT divides by the count too. Here a zero elected sum keeps
-    nothing, and merge="mean" divides by the sum of the kept models' coefficients.
+    https://arxiv.org/abs/2306.01708. trim_scope="tensor" (default) trims per model and per
+    tensor, keeping exactly k = max(1, round(density * numel)) entries (ties at the k-th
+    largest in index order), as mergekit does (with k = int(density * numel)).
+    trim_scope="model" trims as the paper's code does (github.com/prateeky2806/ties-merging,
+    FusionBench's ties_merging_utils): per model over its whole flattened task vector, keeping
+    every entry >= the exact k-th largest, k = max(1, round(density * N)) of its N entries,
+    ties at it all kept. (Their code keeps >= the (int(density * N) + 1)-th largest, one
+    entry more.) That costs two reads of every input before the merge: the statistics pass
+    and one more (an exact radix select: `_model_trim`). Called directly, a tensor is taken
+    as the whole model.
+    The coefficient weighs each tau_i in the election and the sum; merge="mean" divides by
+    the kept models' coefficient sum (mergekit's normalize: true), "count" by the number of
+    kept models (the paper's disjoint mean; the same at uniform coefficients), "sum" not at
+    all. A zero elected sum keeps nothing; the paper's code gives it the majority sign.
     """
     return TIES(
         tensors,
@@ -266,6 +300,8 @@ def ties(
         density=density,
         bands=bands,
         offset=offset,
+        trim_scope=trim_scope,
+        collected=collected,
     )
 
 
@@ -307,8 +343,8 @@ def dare_ties(
     """DARE drop-and-rescale, then TIES sign election and merge of the agreeing entries.
 
     https://arxiv.org/abs/2311.03099. mergekit's dare_ties sums by default (normalize off);
-    PEFT's divides by the count of agreeing models; here merge="mean" divides by the sum of
-    their coefficients, as `ties` does.
+    PEFT's divides by the count of agreeing models (merge="count" here); merge="mean" divides
+    by the sum of their coefficients, as `ties` does.
     """
     return DARE_TIES(
         tensors, coef, base=base, scale=scale, merge=merge, density=density, generator=generator
@@ -333,6 +369,7 @@ def _band_fits(params: Mapping[str, Any]) -> list[str]:
     elementwise=True,
     prepare=task_vector_bands,
     validate=_band_fits,
+    collect=whole_model_cuts,
 )
 def breadcrumbs(
     tensors: torch.Tensor,
@@ -342,16 +379,20 @@ def breadcrumbs(
     density: Density = 0.9,
     gamma: Gamma = 0.01,
     scale: Scale = 0.3,
+    trim_scope: TrimScope = "tensor",
     bands: Sequence[Band] | None = None,
     offset: int = 0,
+    collected: Selection | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs: per model drop the top gamma outliers and the small tail, then sum.
 
-    https://arxiv.org/abs/2312.06795. Per model and tensor, the round(gamma * numel) largest
-    |entries| are dropped and the next max(1, round(density * numel)) kept (exact counts).
-    mergekit does the same per tensor with int() rounding, defaults density to 1.0 (no
-    trimming), and when the counts overlap drops fewer outliers; here gamma + density > 1 is
-    rejected up front.
+    https://arxiv.org/abs/2312.06795. Per model and tensor (the paper masks layer by layer),
+    the round(gamma * numel) largest |entries| are dropped and the next
+    max(1, round(density * numel)) kept (exact counts). mergekit does the same per tensor
+    with int() rounding, defaults density to 1.0 (no trimming), and when the counts overlap
+    drops fewer outliers; here gamma + density > 1 is rejected up front. trim_scope="model"
+    (not in the paper) ranks over each model's whole task vector as `ties` does: entries
+    >= the drop cut's magnitude dropped, those >= the keep cut's kept; the same two passes.
     """
     return BREADCRUMBS(
         tensors,
@@ -362,4 +403,6 @@ def breadcrumbs(
         gamma=gamma,
         bands=bands,
         offset=offset,
+        trim_scope=trim_scope,
+        collected=collected,
     )
