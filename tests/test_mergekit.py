@@ -260,12 +260,14 @@ def test_mergekit_base_plus_lora_syntax_reads_the_adapter_over_the_base() -> Non
     assert from_mergekit(data)["models"] == [{"path": "./adapter", "coefficient": 1.0}]
 
 
-def test_gradients_and_filters_translate_but_differing_densities_are_refused() -> None:
-    with pytest.raises(MergeError) as info:
-        from_mergekit(yaml.safe_load(TIES_GRADIENT_YML), where="ties.yml")
-    message = str(info.value)
-    assert message.startswith("ties.yml is a mergekit recipe") and "1 feature(s)" in message
-    assert "per-model `density` that differs between models" in message
+def test_gradients_filters_and_differing_densities_translate_to_per_model_values() -> None:
+    recipe = from_mergekit(yaml.safe_load(TIES_GRADIENT_YML), where="ties.yml")
+    assert "density" not in recipe["parameters"]
+    assert [m["parameters"] for m in recipe["models"]] == [
+        {"density": {"schedule": [1, 0.7, 0.1]}},
+        {"density": 0.5},
+        {"density": 0.33},
+    ]
     data = yaml.safe_load(TIES_GRADIENT_YML)
     for entry in data["models"][1:]:
         entry["parameters"]["density"] = [1, 0.7, 0.1]
@@ -299,12 +301,14 @@ def test_slices_filters_and_other_methods_are_listed_in_one_error() -> None:
     [
         (
             {
+                "parameters": {"rescale": False},
                 "models": [
                     {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
                     {"model": "c", "parameters": {"weight": 1, "density": 0.3}},
-                ]
+                ],
             },
-            "per-model `density` that differs between models (0.5, 0.3)",
+            "rescale: false on dare_ties with a `density` or `lambda` that varies by layer or "
+            "between models",
         ),
         (
             {"merge_method": "ties", "parameters": {"rescale": True, "density": 0.5}},

@@ -146,13 +146,42 @@ class Signature:
         noun: str,
         values: Mapping[str, Any],
         validate: Validator | None = None,
+        per_model: Iterable[str] = (),
     ) -> list[str]:
         """Every problem with `values`, each message starting `what: `; empty when valid.
 
         Unknown names, values outside their constraint and missing required ones are all
         reported; `validate` (a rule tying parameters together) runs when every value it
-        would read is valid.
+        would read is valid. A name in `per_model` may hold a tuple, one value per model:
+        each is checked against the constraint, and `validate` runs once per model on that
+        model's values (its messages say which model).
         """
+        spread = {
+            k: tuple(v) for k, v in values.items() if k in per_model and isinstance(v, tuple | list)
+        }
+        shared = {k: v for k, v in values.items() if k not in spread}
+        problems, failed = self._problems(what, noun, shared, set(self.annotations) - set(spread))
+        count = max((len(v) for v in spread.values()), default=0)
+        if len({len(v) for v in spread.values()}) > 1:
+            sizes = ", ".join(f"'{k}' {len(v)}" for k, v in spread.items())
+            problems.append(f"{what}: per-model {noun}s give different numbers of values ({sizes})")
+        rows = [{k: v[i] for k, v in spread.items() if i < len(v)} for i in range(count)]
+        for i, row in enumerate(rows):
+            found, bad = self._problems(what, noun, row, set(), f" of model {i + 1}")
+            problems += found
+            failed |= bad
+        if validate is not None and not failed:
+            known = {k: v for k, v in shared.items() if k in self.annotations}
+            for i, row in enumerate(rows or [{}]):
+                where = f"{what}: model {i + 1}'s values: " if rows else f"{what}: "
+                problems += [where + p for p in validate({**self.defaults, **known, **row})]
+        return problems
+
+    def _problems(
+        self, what: str, noun: str, values: Mapping[str, Any], required: set[str], of: str = ""
+    ) -> tuple[list[str], set[str]]:
+        """The problems with `values` (a missing name counts only when `required`), and the
+        names whose values failed."""
         from pydantic import ValidationError
 
         known = {k: v for k, v in values.items() if k in self.annotations}
@@ -161,6 +190,7 @@ class Signature:
             failed: dict[str, str] = {}
         except ValidationError as exc:
             failed = {str(e["loc"][0]): e["type"] for e in exc.errors()}
+        failed = {k: t for k, t in failed.items() if t != "missing" or k in required}
         valid = ", ".join(self.annotations) or "none"
         problems = []
         for name, value in values.items():
@@ -171,16 +201,15 @@ class Signature:
                 )
             elif name in failed:
                 problems.append(
-                    f"{what}: {noun} '{name}' = {value!r} is invalid; it must be {self.words[name]}"
+                    f"{what}: {noun} '{name}'{of} = {value!r} is invalid; it must be "
+                    f"{self.words[name]}"
                 )
         problems += [
             f"{what}: {noun} '{name}' is required; it must be {self.words[name]}"
             for name, kind in failed.items()
             if kind == "missing"
         ]
-        if validate is not None and not failed:
-            problems += [f"{what}: {p}" for p in validate({**self.defaults, **known})]
-        return problems
+        return problems, set(failed)
 
 
 __all__ = [

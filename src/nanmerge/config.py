@@ -95,17 +95,24 @@ def _setting(value: Any, where: str) -> Any:
 
 
 class ModelEntry(BaseModel):
-    """One fine-tuned model; `coefficient` feeds `coefficients: manual`."""
+    """One fine-tuned model; `coefficient` feeds `coefficients: manual`; `parameters` are
+    this model's own values of the method's per-model parameters (e.g. `density`)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     path: ModelSource
     coefficient: float | list[Any] | dict[str, Any] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("coefficient")
     @classmethod
     def _coefficient_setting(cls, value: Any) -> Any:
         return _setting(value, "")
+
+    @field_validator("parameters")
+    @classmethod
+    def _scalar_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _parameters(value)
 
 
 class LinesSpec(BaseModel):
@@ -236,6 +243,14 @@ class Recipe(BaseModel):
     device: str = Field(
         "cpu", description="torch device for the arithmetic, e.g. cpu, cuda, cuda:1"
     )
+    ray: bool = Field(
+        False,
+        description="merge the output shards as Ray tasks reading the inputs from shared "
+        "storage (nanmerge[ray]); the files are the local merge's, byte for byte",
+    )
+    address: str | None = Field(
+        None, description="with ray: join the Ray cluster at host:port or auto (default: local)"
+    )
     missing_tensors: Literal["error", "base", "skip"] = Field(
         "error",
         description="a tensor absent from some inputs: error, take the base's, or skip it",
@@ -320,6 +335,11 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"slices name model(s) {', '.join(unknown)} that `models` does not list; list "
                 "them there, or leave `models` out to take the sources' models"
+            )
+        if any(m.parameters for m in self.models):
+            raise ValueError(
+                "per-model `parameters` are not read with slices; set them in each slice's "
+                "`parameters` (one value for the slice's sources)"
             )
         if self.output_format == "lora" or self.statistics is not None:
             raise ValueError(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from nanmerge.methods._bands import PIECE, task_vector_bands
 from nanmerge.methods._sparsify import SAMPLE, Cut, _kth_largest, band_of, bracketed_cut, top_cut
-from nanmerge.methods._task_arithmetic import PIECE, task_vector_bands
 from tests.methods.test_sparsify import band_mask
 
 

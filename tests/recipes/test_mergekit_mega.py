@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from tests.recipes._helpers import SHAPES, hf_model, merged, run
+from tests.methods.test_per_model_params import interpolate, ties_formula
+from tests.recipes._helpers import SHAPES, hf_model, merged, report, run
 
 # mergekit's examples/mega.yml, as published
 MEGA_YML = """
@@ -155,14 +158,69 @@ def test_a_failure_stops_the_chain_and_keeps_the_outputs_before_it(folders: Path
     assert not (folders / "final").exists()
 
 
-def test_mergekits_mega_example_lists_what_nanmerge_cannot_express(tmp_path: Path) -> None:
-    path = tmp_path / "mega.yml"
-    path.write_text(MEGA_YML)
-    result = run(["run", str(path)])
-    assert result.exit_code == 2
-    assert "(document 2)" in result.output
-    assert "per-model `density` that differs between models" in result.output
-    assert "(document 1)" not in result.output  # the gradient slerp translates
+LAYERS = 4
+LLAMA = {
+    "model.embed_tokens.weight": (6, 5),
+    **{f"model.layers.{i}.self_attn.q_proj.weight": (5, 5) for i in range(LAYERS)},
+    **{f"model.layers.{i}.mlp.down_proj.weight": (5, 6) for i in range(LAYERS)},
+    **{f"model.layers.{i}.input_layernorm.weight": (5,) for i in range(LAYERS)},
+    "model.norm.weight": (5,),
+    "lm_head.weight": (6, 5),
+}
+
+
+def tiny_llama(
+    folder: Path, seed: int, base: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Llama-named float32 tensors (a fine-tune near `base` when given) and a config.json."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: torch.randn(shape, generator=gen) * (0.1 if base else 1.0)
+        + (base[name] if base else 0.0)
+        for name, shape in LLAMA.items()
+    }
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": LAYERS})
+    )
+    return tensors
+
+
+def test_mergekits_mega_example_runs_with_per_model_densities_and_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tiny_llama(tmp_path / "llama2", 0)
+    repos = {
+        "psmathur/orca_mini_v3_13b": 1,
+        "garage-bAInd/Platypus2-13B": 2,
+        "WizardLM/WizardMath-13B-V1.0": 3,
+    }
+    text = MEGA_YML.replace("TheBloke/Llama-2-13B-fp16", str(tmp_path / "llama2"))
+    text = text.replace("layer_range: [0, 40]", f"layer_range: [0, {LAYERS}]")
+    for repo, seed in repos.items():
+        tiny_llama(tmp_path / repo, seed, base)
+        text = text.replace(repo, str(tmp_path / repo))
+    (tmp_path / "mega.yml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # the published out_paths are relative: ./models/...
+
+    result = run(["run", "mega.yml", "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    slerped = merged(tmp_path / "models" / "gradient-slerp")
+    wizard = merged(tmp_path / "WizardLM/WizardMath-13B-V1.0")
+    out = merged(tmp_path / "models" / "gradient-slerp-ties")
+    recorded = report(tmp_path / "models" / "gradient-slerp-ties")["method"]["per_tensor"]
+    for name in LLAMA:
+        parts = name.split(".")
+        t = int(parts[2]) / (LAYERS - 1) if parts[1] == "layers" else 0.0  # mergekit's depth
+        densities = [interpolate([1, 0.7, 0.1], t), 0.33]
+        weights = [1.0, 0.5 if "mlp" in name else 0.0]  # WizardMath's filtered weight
+        models = torch.stack([slerped[name].float(), wizard[name]])
+        expected = ties_formula(base[name], models, weights, densities)
+        assert out[name].dtype == torch.float16
+        torch.testing.assert_close(out[name], expected.half(), rtol=1e-3, atol=1e-3, msg=name)
+        assert recorded[name]["density"] == pytest.approx(densities), name
 
 
 def test_an_output_argument_is_refused_for_a_chain(folders: Path) -> None:

@@ -62,6 +62,37 @@ def parameter_problems(spec: MethodSpec, parameters: Mapping[str, Any]) -> list[
     return list(dict.fromkeys(problems))
 
 
+def model_parameter_problems(spec: MethodSpec, recipe: Recipe) -> list[str]:
+    """Each model's own `parameters`: only the method's per-model ones, each value (every
+    value of a schedule or filter list) valid, and none where the method gathers a
+    whole-model statistic at one value (TIES' trim_scope: model)."""
+    problems = []
+    for i, model in enumerate(recipe.models):
+        for name, value in model.parameters.items():
+            where = f"models[{i}].parameters.{name}"
+            if name not in spec.per_model:
+                problems.append(
+                    f"{where}: method '{spec.name}' takes one `{name}` for every model (its "
+                    f"per-model parameters: {', '.join(spec.per_model) or 'none'}); set it in "
+                    "the recipe's `parameters`"
+                )
+                continue
+            values = extremes(parse(value, where, [])) if varies(value) else [value]
+            for v in values:
+                problems += [
+                    f"{where}: {p}" for p in spec.signature.check(spec.name, "parameter", {name: v})
+                ]
+    given = sorted({name for m in recipe.models for name in m.parameters})
+    constants = {k: v for k, v in recipe.parameters.items() if not varies(v)}
+    if given and not problems and spec.collect_for(constants) is not None:
+        problems.append(
+            f"models' own {', '.join(given)}: method '{spec.name}' gathers a whole-model "
+            "statistic with these parameters (trim_scope: model ranks each model's whole task "
+            "vector at one value); use trim_scope: tensor, or one value in `parameters`"
+        )
+    return list(dict.fromkeys(problems))
+
+
 def coefficient_problems(recipe: Recipe) -> list[str]:
     """A varying coefficient must give finite numbers, and only manual coefficients read
     per-model ones (the estimator check says so for constants)."""
@@ -124,6 +155,8 @@ def layer_values(
     if spec is None or not tensors:
         return LayerValues()
     params = {} if recipe.slices else param_values(recipe.parameters, spec, tensors, problems)
+    for name, values in model_values(recipe, spec, tensors, params, problems).items():
+        params[name] = {**params.get(name, {}), **values}
     multipliers: dict[str, tuple[float, ...]] = {}
     coefficient = _coefficient_settings(recipe)
     if coefficient:
@@ -164,6 +197,55 @@ def param_values(
             for p in check_params(spec, {**constants, **dict(combo)})
         ]
     return {n: p for n, p in params.items() if p}
+
+
+def model_values(
+    recipe: Recipe,
+    spec: MethodSpec,
+    tensors: list[TensorContext],
+    varying: Mapping[str, Mapping[str, Any]],
+    problems: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Each tensor's per-model parameters: a tuple of one value per model (a model's own
+    value, else the recipe's value for the tensor, else the method's default), or one value
+    where every model has the same; checked per tensor with the other parameters (once per
+    distinct combination), each model's values against rules that tie them together."""
+    names = sorted({k for m in recipe.models for k in m.parameters if k in spec.per_model})
+    if not names:
+        return {}
+    own: dict[tuple[int, str], dict[str, Any]] = {}
+    for i, model in enumerate(recipe.models):
+        for name in names:
+            if name not in model.parameters:
+                continue
+            value, where = model.parameters[name], f"models[{i}].parameters.{name}"
+            own[i, name] = (
+                _resolve(where, parse(value, where, []), tensors, problems)
+                if varies(value)
+                else {c.name: value for c in tensors}
+            )
+    constants = {k: v for k, v in recipe.parameters.items() if not varies(v)}
+    values: dict[str, dict[str, Any]] = {}
+    checks: dict[str, tuple[str, dict[str, Any]]] = {}
+    for c in tensors:
+        shared = {**spec.params, **constants, **varying.get(c.name, {})}
+        row = {}
+        for name in names:
+            per = tuple(
+                own.get((i, name), {}).get(c.name, shared.get(name))
+                for i in range(len(recipe.models))
+            )
+            row[name] = per[0] if len(set(per)) == 1 else per
+        values[c.name] = row
+        if any(isinstance(v, tuple) for v in row.values()):
+            full = {**constants, **varying.get(c.name, {}), **row}
+            checks.setdefault(repr(sorted(full.items())), (c.name, full))
+    for name, full in checks.values():
+        problems += [
+            f"{p} (at tensor '{name}' and others with these values)"
+            for p in check_params(spec, full)
+        ]
+    return values
 
 
 def with_multipliers(coefficients: Coefficients, layered: LayerValues) -> Coefficients:

@@ -6,12 +6,17 @@ second; `plan` runs them again with the input checks to list every problem at on
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from nanmerge._types import MergeError
 from nanmerge.coefficients import RecipeFacts, check_options, get_estimator
 from nanmerge.config import CoefficientSpec, Recipe
-from nanmerge.engine._layered import coefficient_problems, parameter_problems
+from nanmerge.engine._layered import (
+    coefficient_problems,
+    model_parameter_problems,
+    parameter_problems,
+)
 from nanmerge.io import parse_size
 from nanmerge.methods import MethodSpec, count_problem, get_method
 from nanmerge.methods._registry import count_rule_problems
@@ -50,6 +55,7 @@ def resolve_method(recipe: Recipe, problems: list[str]) -> tuple[Any, dict[str, 
         problems.append(str(exc))
         return None, {}
     problems += parameter_problems(spec, recipe.parameters)
+    problems += model_parameter_problems(spec, recipe)
     if recipe.slices is None:  # with slices, each slice's sources are what is merged
         has_base = recipe.base is not None
         problems += _input_problems(spec, len(recipe.models), has_base, recipe.parameters)
@@ -137,9 +143,43 @@ def check_shard_size(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"max_shard_size: {exc}")
 
 
+def check_ray(recipe: Recipe) -> None:
+    """What a merge on Ray (`ray: true`, engine/_ray.py) cannot do, refused before any input
+    is opened; one line when Ray is not installed."""
+    if not recipe.ray:
+        if recipe.address is not None:
+            fail(["address names the Ray cluster of ray: true (--ray); set ray, or drop address"])
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise MergeError(
+            "ray: true (--ray) needs Ray, which is not installed: pip install 'nanmerge[ray]'"
+        )
+    paths = [recipe.base, *(m.path for m in recipe.models)]
+    refused = [
+        (recipe.output is None, "writes the shards into an output folder: set output"),
+        (
+            recipe.output_format == "lora",
+            "writes full checkpoints, not a LoRA adapter: drop output_format: lora or ray",
+        ),
+        (recipe.slices is not None, "does not merge slices yet: merge them without ray"),
+        (
+            any(p is not None and not isinstance(p, str) for p in paths),
+            "reads the checkpoints from storage in each task, not in-memory models: save "
+            "them as safetensors first",
+        ),
+        (
+            recipe.device != "cpu",
+            f"merges on the workers' CPUs: drop device: {recipe.device} or ray",
+        ),
+    ]
+    fail([f"ray: true {what}" for bad, what in refused if bad])
+
+
 def check_recipe(recipe: Recipe, *, for_output: bool = True) -> None:
     """Raise one MergeError listing every problem the recipe has on its own, before any
     input is opened."""
+    if for_output:
+        check_ray(recipe)
     problems: list[str] = []
     resolve_method(recipe, problems)
     resolve_slices(recipe, problems)

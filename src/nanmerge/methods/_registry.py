@@ -12,8 +12,8 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
+from types import MappingProxyType, UnionType
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, cast, get_args, get_origin
 
 from nanmerge._params import Finite, Interval, Signature, Validator, did_you_mean
 from nanmerge._types import Collect, MemoryCost, MergeError, Rebuild
@@ -91,6 +91,9 @@ class MethodSpec:
     # True for a method that merges 2-D matrices through their singular vectors (TSV,
     # Iso-C): the plan refuses a model with no 2-D tensor to merge, before any work.
     needs_matrices: bool = False
+    # Parameters that may take one value per model: the function then receives a tuple of
+    # M values for them (annotated `X | tuple[float, ...]`; each value checked as an X).
+    per_model: tuple[str, ...] = ()
 
     def collect_for(self, params: Mapping[str, Any]) -> Collect[Any] | None:
         """The whole-model statistic the method gathers with these parameters (over its
@@ -120,6 +123,7 @@ def register(
     takes_coefficients: bool = True,
     needs_matrices: bool = False,
     rebuild: Rebuild | None = None,
+    per_model: tuple[str, ...] = (),
 ) -> Callable[[F], F]:
     """Register a merge function under its own name.
 
@@ -138,7 +142,7 @@ def register(
         if fn.__name__ in _METHODS:
             raise ValueError(f"merge method '{fn.__name__}' is registered twice")
         signature = inspect.signature(fn)
-        declared = Signature.of(fn, skip=_INPUTS + STATISTICS)
+        declared = _per_value(Signature.of(fn, skip=_INPUTS + STATISTICS), per_model)
 
         @functools.wraps(fn)
         def checked(tensors: torch.Tensor, coef: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -148,6 +152,7 @@ def register(
                 raise MergeError("; ".join(problems))
             tensors, coef = _checked_inputs(spec, tensors, coef, kwargs.get("base"))
             problems = count_rule_problems(spec, hyper, tensors.shape[0])
+            problems += per_model_problems(spec, hyper, tensors.shape[0])
             if problems:
                 raise MergeError("; ".join(problems))
             return fn(tensors, coef, **kwargs)
@@ -175,11 +180,48 @@ def register(
             takes_coefficients=takes_coefficients,
             rebuild=rebuild,
             needs_matrices=needs_matrices,
+            per_model=per_model,
         )
         _METHODS[spec.name] = spec
         return cast(F, checked)
 
     return decorate
+
+
+def _per_value(signature: Signature, per_model: tuple[str, ...]) -> Signature:
+    """The signature whose per-model parameters are checked value by value: `X | tuple[...]`
+    is checked as X (`Signature.check` splits a tuple into one value per model)."""
+    unknown = sorted(set(per_model) - set(signature.annotations))
+    if unknown:
+        raise ValueError(f"per_model names {unknown}, which are not keyword parameters")
+    annotations = {
+        name: get_args(a)[0] if name in per_model and get_origin(a) in (Union, UnionType) else a
+        for name, a in signature.annotations.items()
+    }
+    return Signature(annotations, signature.defaults)
+
+
+def per_model_problems(spec: MethodSpec, params: Mapping[str, Any], m: int) -> list[str]:
+    """Per-model values (tuples) that do not fit: not one per model, or where the method
+    gathers a whole-model statistic at one value (`check_params` refuses a tuple for a
+    parameter that is not per-model)."""
+    spread = {
+        k: v for k, v in params.items() if k in spec.per_model and isinstance(v, tuple | list)
+    }
+    problems = [
+        f"{spec.name}: parameter '{k}' gives {len(v)} per-model values for {m} models; give "
+        "one per model, in the models' order"
+        for k, v in spread.items()
+        if len(v) != m
+    ]
+    scalars = {k: v for k, v in params.items() if k not in spread}
+    if spread and spec.collect is not None and spec.collect_for(scalars) is not None:
+        problems.append(
+            f"{spec.name} gathers a whole-model statistic with these parameters (trim_scope: "
+            f"model ranks each model's whole task vector at one value), so per-model "
+            f"{', '.join(spread)} cannot apply; use trim_scope: tensor, or one value"
+        )
+    return problems
 
 
 def _checked_inputs(
@@ -252,4 +294,4 @@ def get_method(name: str) -> MethodSpec:
 
 def check_params(spec: MethodSpec, params: Mapping[str, object]) -> list[str]:
     """Every problem with `params` for `spec`, as messages; an empty list means valid."""
-    return spec.signature.check(spec.name, "parameter", params, spec.validate)
+    return spec.signature.check(spec.name, "parameter", params, spec.validate, spec.per_model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,15 @@ def tensor_generator(seed: int, name: str) -> np.random.Generator:
     """
     digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+# A parameter given once for every model, or once per model (in the models' order).
+PerModel = float | Sequence[float]
+
+
+def of_model(value: PerModel, i: int) -> float:
+    """Model i's value of a parameter given once for all models or once per model."""
+    return value if isinstance(value, int | float) else value[i]
 
 
 def keep_count(fraction: float, numel: int) -> int:
@@ -245,12 +254,14 @@ def keep_probability(density: float) -> float:
 
 def random_mask(
     shape: torch.Size,
-    density: float,
+    density: float | Sequence[float],
     generator: np.random.Generator | None,
     device: torch.device | str,
 ) -> torch.Tensor:
     """1.0 with probability `keep_probability(density)`, else 0.0 (float32), drawn in blocks
-    of DRAW flat entries, all models per block, and moved to `device`.
+    of DRAW flat entries, all models per block, and moved to `device`. A density per model
+    (one per row of `shape`) only changes what each row's draws are compared with, so the
+    draws, and the masks of models sharing a density, are those of one shared density.
 
     Each entry compares a 16-bit draw with the probability: one raw 64-bit draw of the
     generator gives four of them. Drawing block by block makes a tensor's masks the same
@@ -264,9 +275,11 @@ def random_mask(
     if generator is None:
         generator = np.random.Generator(np.random.PCG64(int(torch.randint(1 << 62, ()))))
     m, numel = shape[0], math.prod(shape[1:])
-    below = round(keep_probability(density) * 65536)  # kept: a draw below it
-    if below == 65536:
+    # kept: a draw below it (one number, or a column of one per model)
+    rows = [round(keep_probability(of_model(density, i)) * 65536) for i in range(m)]
+    if all(b == 65536 for b in rows):
         return torch.ones(shape, device=device)
+    below = rows[0] if isinstance(density, int | float) else np.array(rows).reshape(m, 1, 1)
     keep = np.empty((m, numel), dtype=np.float32)  # float: see `Cut.mask`
     whole = numel - numel % DRAW
     # up to 8 whole blocks per call: one call draws what the calls block by block would
@@ -277,7 +290,8 @@ def random_mask(
         np.less(draws, below, out=out, casting="unsafe")
     if whole < numel:
         rest = _draws(generator, (m,), numel - whole)
-        np.less(rest, below, out=keep[:, whole:], casting="unsafe")
+        per_row = below if isinstance(below, int) else below[:, 0]
+        np.less(rest, per_row, out=keep[:, whole:], casting="unsafe")
     return torch.from_numpy(keep).reshape(shape).to(device)
 
 

@@ -14,31 +14,23 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from nanmerge.methods._bands import TrimScope, single, task_vector_bands
 from nanmerge.methods._model_trim import Selection, model_bands, select, whole_model_cuts
 from nanmerge.methods._registry import Density, Gamma, Scale, register
 from nanmerge.methods._sparsify import (
-    KEEP_ALL,
-    KEEP_NONE,
-    SAMPLE,
     Band,
-    BracketedCut,
-    band_counts,
+    PerModel,
     band_of,
     band_ranks,
     keep_probability,
+    of_model,
     random_mask,
-    top_cut,
 )
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
 
-# Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
-PIECE = 1 << 19
-
 Merge = Literal["mean", "sum", "count"]
-# Where a trim ranks magnitudes: within each tensor, or over each model's whole task vector.
-TrimScope = Literal["tensor", "model"]
 # sparsify(task_vectors, coef, **params) -> the per-model weights of the kept entries; it
 # updates the (M, *shape) task vectors in place.
 Sparsify = Callable[..., "torch.Tensor"]
@@ -55,8 +47,8 @@ def trim(
     task_vectors: torch.Tensor,
     coef: torch.Tensor,
     *,
-    density: float,
-    gamma: float = 0.0,
+    density: PerModel,
+    gamma: PerModel = 0.0,
     bands: Sequence[Band] | None = None,
     offset: int = 0,
     trim_scope: TrimScope = "tensor",
@@ -64,16 +56,19 @@ def trim(
     **_: object,
 ) -> torch.Tensor:
     """Keep each model's band of magnitudes: the top round(gamma n) dropped, the next
-    max(1, round(density n)) kept; `bands` found over the whole tensor make it elementwise.
-    With trim_scope="model" the cuts are the whole model's (`collected`); without them this
-    tensor is taken as the whole model."""
+    max(1, round(density n)) kept (density and gamma: one value, or one per model); `bands`
+    found over the whole tensor make it elementwise. With trim_scope="model" the cuts are
+    the whole model's (`collected`); without them this tensor is taken as the whole model."""
     flat = task_vectors.view(task_vectors.shape[0], -1)
     if bands is None and trim_scope == "model":
-        ranks = band_ranks(flat.shape[1], density=density, gamma=gamma)
+        ranks = band_ranks(flat.shape[1], density=single(density), gamma=single(gamma))
         bands = model_bands(collected or select(task_vectors, ranks))
     for i, row in enumerate(flat):
         magnitudes = row.abs()  # one model at a time: one tensor's worth of workspace
-        band = band_of(magnitudes, density=density, gamma=gamma) if bands is None else bands[i]
+        if bands is None:
+            band = band_of(magnitudes, density=of_model(density, i), gamma=of_model(gamma, i))
+        else:
+            band = bands[i]
         row.mul_(band.mask(magnitudes, offset))
     return coef
 
@@ -82,14 +77,19 @@ def drop(
     task_vectors: torch.Tensor,
     coef: torch.Tensor,
     *,
-    density: float,
+    density: PerModel,
     generator: np.random.Generator | None = None,
     **_: object,
 ) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 - density; the kept ones are rescaled by
-    1 / p, folded into the weights, so it costs no pass."""
+    """DARE: drop each entry with probability 1 - density (one, or one per model); the kept
+    ones are rescaled by 1 / p, folded into the weights, so it costs no pass."""
+    import torch
+
     task_vectors.mul_(random_mask(task_vectors.shape, density, generator, task_vectors.device))
-    return coef / keep_probability(density)
+    if isinstance(density, int | float):
+        return coef / keep_probability(density)
+    kept = [keep_probability(d) for d in density]
+    return coef / torch.tensor(kept, dtype=coef.dtype, device=coef.device)
 
 
 def weighted_sum(
@@ -167,75 +167,6 @@ DARE_TIES = Steps(drop, elect_signs)
 BREADCRUMBS = Steps(trim, weighted_sum)
 
 
-def task_vector_bands(
-    models: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    density: float,
-    gamma: float = 0.0,
-    trim_scope: TrimScope = "tensor",
-    collected: Selection | None = None,
-    **_: object,
-) -> dict[str, list[Band]]:
-    """Each model's magnitude band over its whole task vector: what makes trimming methods
-    elementwise, so they can be merged chunk by chunk (`bands` of their merge function).
-    With trim_scope="model" the bands come from the whole model's cuts (`collected`), or,
-    without them, from this tensor taken as the whole model.
-
-    tau_i is formed in float32 from the tensors as stored (bf16 included), as the merge
-    forms it. On CPU the magnitudes of all models are computed piece by piece into one
-    cache-sized buffer (the base converted once per piece) and fed to each cut's
-    `BracketedCut`, so the selection's passes run in cache and no tensor-sized workspace
-    exists; only when a sample misplaces its cut (rare) is that model's whole tensor of
-    magnitudes formed and selected from.
-    """
-    import torch
-
-    if trim_scope == "model":
-        if collected is None:
-            task_vectors = torch.stack([m.float() for m in models]) - base.float()
-            ranks = band_ranks(base.numel(), density=density, gamma=gamma)
-            collected = select(task_vectors, ranks)
-        return {"bands": model_bands(collected)}
-    base = base.reshape(-1)
-    numel = base.numel()
-    flats = [model.reshape(-1) for model in models]
-    n_keep, n_top = band_counts(numel, density=density, gamma=gamma)
-    if n_keep == numel:
-        return {"bands": [Band(KEEP_ALL) for _ in flats]}
-
-    def whole(flat: torch.Tensor) -> torch.Tensor:
-        return (flat.float() - base.float()).abs_()
-
-    if base.device.type != "cpu" or numel < 4 * SAMPLE:
-        return {"bands": [band_of(whole(f), density=density, gamma=gamma) for f in flats]}
-    counts = (n_top + n_keep, n_top)  # the keep cut, then the drop cut (0: drops nothing)
-    stride = numel // SAMPLE
-    base_sample = base[::stride].float()
-    brackets = []
-    for flat in flats:
-        sample = (flat[::stride].float() - base_sample).abs_().numpy()
-        brackets.append([BracketedCut(sample, numel, k) if 0 < k < numel else None for k in counts])
-    piece = torch.empty((len(flats), min(PIECE, numel)), dtype=torch.float32)
-    base_piece = torch.empty(piece.shape[1], dtype=torch.float32)
-    for begin in range(0, numel, PIECE):
-        end = min(begin + PIECE, numel)
-        part_of_base = base_piece[: end - begin].copy_(base[begin:end])
-        for row, flat, model_brackets in zip(piece, flats, brackets, strict=True):
-            part = row[: end - begin].copy_(flat[begin:end]).sub_(part_of_base).abs_().numpy()
-            for bracket in model_brackets:
-                if bracket is not None:
-                    bracket.add(begin, part)
-    bands = []
-    for flat, model_brackets in zip(flats, brackets, strict=True):
-        cuts = []
-        for k, bracket in zip(counts, model_brackets, strict=True):
-            cut = KEEP_NONE if k == 0 else KEEP_ALL if bracket is None else bracket.cut()
-            cuts.append(top_cut(whole(flat), k) if cut is None else cut)
-        bands.append(Band(*cuts))
-    return {"bands": bands}
-
-
 def _averages(params: Mapping[str, Any]) -> bool:
     """merge="mean" divides by the sum of the kept models' coefficients."""
     return params.get("merge") == "mean"
@@ -260,13 +191,14 @@ def task_arithmetic(
     prepare=task_vector_bands,
     averages=_averages,
     collect=whole_model_cuts,
+    per_model=("density",),
 )
 def ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: Density = 0.2,
+    density: Density | tuple[float, ...] = 0.2,
     scale: Scale = 1.0,
     merge: Merge = "mean",
     trim_scope: TrimScope = "tensor",
@@ -305,13 +237,18 @@ def ties(
     )
 
 
-@register(reference="https://arxiv.org/abs/2311.03099", needs_base=True, elementwise=True)
+@register(
+    reference="https://arxiv.org/abs/2311.03099",
+    needs_base=True,
+    elementwise=True,
+    per_model=("density",),
+)
 def dare_linear(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: Density = 0.5,
+    density: Density | tuple[float, ...] = 0.5,
     scale: Scale = 0.3,
     generator: np.random.Generator | None = None,
 ) -> torch.Tensor:
@@ -329,13 +266,14 @@ def dare_linear(
     needs_base=True,
     elementwise=True,
     averages=_averages,
+    per_model=("density",),
 )
 def dare_ties(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: Density = 0.5,
+    density: Density | tuple[float, ...] = 0.5,
     scale: Scale = 1.0,
     merge: Merge = "mean",
     generator: np.random.Generator | None = None,
@@ -370,14 +308,15 @@ def _band_fits(params: Mapping[str, Any]) -> list[str]:
     prepare=task_vector_bands,
     validate=_band_fits,
     collect=whole_model_cuts,
+    per_model=("density", "gamma"),
 )
 def breadcrumbs(
     tensors: torch.Tensor,
     coef: torch.Tensor,
     *,
     base: torch.Tensor,
-    density: Density = 0.9,
-    gamma: Gamma = 0.01,
+    density: Density | tuple[float, ...] = 0.9,
+    gamma: Gamma | tuple[float, ...] = 0.01,
     scale: Scale = 0.3,
     trim_scope: TrimScope = "tensor",
     bands: Sequence[Band] | None = None,

@@ -17,11 +17,12 @@ from nanmerge._types import MergeError
 from nanmerge.recipes._mergekit_output import FIELDS, output_fields
 from nanmerge.recipes._mergekit_values import (
     falls_back,
+    fitted_gamma,
     model_path,
     numeric,
-    one_value,
     parameters,
     scalar,
+    spread,
 )
 
 
@@ -219,18 +220,16 @@ def _translate(
     ]
 
     parameters: dict[str, Any] = {}
+    own: list[dict[str, Any]] = [{} for _ in entries]  # each model's own values
     if spec.density:
         densities = [falls_back(d, 1.0) for d in per_model("density")]  # mergekit's 1.0
-        parameters["density"] = one_value(densities, "density", merge_method, problems)
+        spread("density", densities, parameters, own)
     if spec.gamma:
-        gammas = [falls_back(g, 0.01) for g in per_model("gamma")]
-        gamma = one_value(gammas, "gamma", merge_method, problems)
-        fixed = not varies(gamma) and not varies(parameters["density"])
-        if fixed and gamma + parameters["density"] > 1:
-            gamma = max(
-                0.0, 1.0 - parameters["density"]
-            )  # mergekit drops fewer outliers when they overlap
-        parameters["gamma"] = gamma
+        gammas = [
+            fitted_gamma(falls_back(g, 0.01), d)
+            for g, d in zip(per_model("gamma"), densities, strict=True)
+        ]
+        spread("gamma", gammas, parameters, own)
     if spec.task_vectors:
         parameters["scale"] = falls_back(glob.get("lambda"), 1.0)
     if merge_method == "slerp":
@@ -251,7 +250,10 @@ def _translate(
     estimator = extras.get("coefficients", "manual")
     estimated = estimator != "manual" and estimator != {"estimator": "manual"}
     recipe = {"method": spec.name, "base": base, "parameters": parameters}
-    models: list[dict[str, Any]] = [{"path": path} for path, _ in entries]
+    models: list[dict[str, Any]] = [
+        {"path": path} | ({"parameters": values} if values else {})
+        for (path, _), values in zip(entries, own, strict=True)
+    ]
     if merge_method == "slerp" and given:
         problems.append("per-model `weight` on slerp (mergekit's slerp takes only `t`)")
     elif estimated:
@@ -306,8 +308,8 @@ def _rescale(
             parameters["scale"] = scale * density
             return
         problems.append(
-            f"rescale: false on {merge_method} with a `density` or `lambda` that varies "
-            "(nanmerge folds it into one scale, lambda * density)"
+            f"rescale: false on {merge_method} with a `density` or `lambda` that varies by "
+            "layer or between models (nanmerge folds it into one scale, lambda * density)"
         )
         return
     problems.append(
@@ -373,6 +375,13 @@ def _slices(
         }
         merged = _translate(merge_method, spec, base, scope, entries, extras, problems)
         if not merged:
+            continue
+        differing = sorted({k for m in merged["models"] for k in m.get("parameters", {})})
+        if differing:
+            problems.append(
+                f"slices[{i}]: per-model {', '.join(differing)} that differs between sources "
+                "(nanmerge's slices take one value per slice)"
+            )
             continue
         kept = [m["path"] for m in merged["models"]]
         if spec.task_vectors and base in spans and spans[base] != spans[kept[0]]:

@@ -84,12 +84,21 @@ def numeric(value: Any) -> bool:
     return isinstance(value, Mapping) or is_number(value)
 
 
-def one_value(values: list[Any], name: str, method: str, problems: list[str]) -> Any:
-    distinct = list({repr(v): v for v in values}.values())
-    if len(distinct) > 1:
-        problems.append(
-            f"per-model `{name}` that differs between models ({', '.join(map(str, values))}): "
-            f"nanmerge's {method} applies one {name} to every model; use a single value "
-            f"(global `parameters: {{{name}: ...}}`)"
-        )
-    return distinct[0]
+def spread(
+    name: str, values: list[Any], parameters: dict[str, Any], own: list[dict[str, Any]]
+) -> None:
+    """One value per model: the recipe's `parameters` when every model has the same, else
+    each model's own `parameters` (nanmerge's per-model values)."""
+    if len({repr(v) for v in values}) == 1:
+        parameters[name] = values[0]
+    else:
+        for model, value in zip(own, values, strict=True):
+            model[name] = value
+
+
+def fitted_gamma(gamma: Any, density: Any) -> Any:
+    """breadcrumbs' gamma as mergekit applies it: where gamma + density > 1 it drops fewer
+    outliers (1 - density), for values that do not vary by layer."""
+    if is_number(gamma) and is_number(density) and gamma + density > 1:
+        return max(0.0, 1.0 - density)
+    return gamma
