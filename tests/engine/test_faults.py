@@ -119,7 +119,7 @@ def _fail_with(code: int) -> Any:
 def test_a_write_fault_is_one_line_naming_the_file_and_removes_the_partial_output(
     family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, message: str
 ) -> None:
-    monkeypatch.setattr("nanmerge.io._writer._start_writeback", _fail_with(code))
+    monkeypatch.setattr("nanmerge.io._shard._start_writeback", _fail_with(code))
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match=message) as caught:
         nanmerge.merge(_recipe(family, out))

@@ -125,6 +125,8 @@ def run(
     quiet: bool,
     verbose: bool,
     allow_downloads: bool,
+    ray: bool | None,
+    address: str | None,
     **mergekit_flags: Any,
 ) -> None:
     """Merge as RECIPE (a YAML file) says, into OUT_PATH when given (as mergekit-yaml's
@@ -137,6 +139,7 @@ def run(
             updates["overwrite"] = True
         if allow_downloads:
             updates["allow_downloads"] = True
+        updates |= {k: v for k, v in (("ray", ray), ("address", address)) if v is not None}
         if (out_path or output) is not None:
             updates["output"] = out_path or output
         recipes = load_chain(recipe, updates, notes)
@@ -149,6 +152,9 @@ def run(
         fail(exc)
         return
     _run_merge(recipes, quiet, verbose)
+
+
+run.params += [_field_option("ray"), _field_option("address")]  # as `merge` and YAML spell them
 
 
 def _merge_command() -> click.Command:

@@ -25,6 +25,10 @@ def print_summary(report: dict[str, Any]) -> None:
         f"{report['method']['name']} in {sum(report['timings_s'].values()):.1f} s; "
         f"memory bound {mem['bound_bytes'] / 2**20:.1f} MiB; output {report['output']['path']}"
     )
+    if "ray" in report:
+        click.echo(
+            f"on Ray ({report['ray']['address']}): one task per shard, {report['ray']['tasks']}"
+        )
     for note in report["output"].get("notes", []):
         click.echo(f"note: {note}")
     lora = report["output"].get("lora")

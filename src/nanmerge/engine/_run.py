@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +28,8 @@ from nanmerge.engine._copied import copied_tensor_warning
 from nanmerge.engine._layered import with_multipliers
 from nanmerge.engine._lines import lines_overrides
 from nanmerge.engine._plan import Plan, plan, same_file_pairs
+from nanmerge.engine._ray import merge_on_ray, ray_session
+from nanmerge.engine._recipe import check_ray
 from nanmerge.engine._record import KeptFiles, Recorder, discarded_warning
 from nanmerge.engine._slices import layer_count_config
 from nanmerge.engine._stream import CHUNK, Collected, collect_pass, merge_stream
@@ -149,7 +151,7 @@ def _versions() -> dict[str, str]:
 def _report(
     p: Plan, coefficients: Coefficients, timings: dict[str, float], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    recipe = p.recipe.model_dump(mode="json")
+    recipe = p.recipe.model_dump(mode="json", exclude={"ray", "address"})  # how, not what
     recipe["base"] = None if p.base is None else p.base.source
     for entry, name in zip(recipe["models"], p.model_names, strict=True):
         entry["path"] = name
@@ -244,8 +246,11 @@ def merge(
     Every input is checked before any work; a failure leaves no output folder behind.
     """
     r = load_recipe(recipe)
+    check_ray(r)
     p = plan(r)
+    session = ExitStack()
     try:
+        session.enter_context(ray_session(r))  # joined after the plan, before any work
         start = time.perf_counter()
         coefficients, collected = _initial_coefficients(p, progress=progress)
         timings = {"collect_pass": time.perf_counter() - start}
@@ -272,6 +277,7 @@ def merge(
         with _signals_end_like_ctrl_c():
             return _write(p, coefficients, timings, collected, progress=progress)
     finally:
+        session.close()
         p.close()
 
 
@@ -318,18 +324,26 @@ def _write(
     with writer, KeptFiles(writer.temp_dir, max_shard_size=shard_size, metadata=metadata) as kept:
         start = time.perf_counter()
         recorder = Recorder(kept.write)
-        norms = merge_stream(
-            p,
-            coefficients,
-            writer.write,
-            progress=progress,
-            collected=collected.method,
-            overrides=collected.overrides,
-            recorder=recorder,
-        )
+        extra: dict[str, Any] = {"collect_pass": collected.ran, "lines": collected.lines}
+        if r.ray:  # the same shards, each merged and written by a Ray task
+            parts = writer.parts()
+            norms, recorder.notes = merge_on_ray(
+                p, coefficients, collected, parts, progress=progress
+            )
+            writer.adopt()
+            extra["ray"] = {"address": r.address or "local", "tasks": len(parts)}
+        else:
+            norms = merge_stream(
+                p,
+                coefficients,
+                writer.write,
+                progress=progress,
+                collected=collected.method,
+                overrides=collected.overrides,
+                recorder=recorder,
+            )
         timings["merge"] = time.perf_counter() - start
         _finish(p, coefficients, norms)
-        extra = {"collect_pass": collected.ran, "lines": collected.lines}
         report = _report(p, coefficients, timings, extra)
         report["method_notes"] = recorder.notes
         report["output"] = {

@@ -8,7 +8,7 @@ previous one (torch and file I/O release the GIL). Output order never changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -332,12 +332,14 @@ def merge_stream(
     collected: object = None,
     overrides: Mapping[str, Mapping[str, object]] | None = None,
     recorder: Recorder | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, TensorNorms]:
     """Merge tensor by tensor into `sink` (CPU tensors, in plan order); per-tensor
     estimators are evaluated on the way. `collected` is the method's whole-model statistic
     from `collect_pass`, when it declares one; `overrides` are per-tensor parameter values
     that replace the recipe's (LiNeS's scale by depth); `recorder` hands a method that
     declares `record` one per tensor, and takes its notes and kept tensors once it is merged.
+    `only` limits the merge to those tensors (one output shard, in a Ray task).
 
     Returns the norms of every merged tensor (for the report). Layer-wise
     coefficients computed here are added to `coefficients.per_tensor`.
@@ -368,7 +370,7 @@ def merge_stream(
         norms[item.name] = checked_norms(plan, item, parts)
         return merged
 
-    names = [n for n, _ in plan.entries]
+    names = [n for n, _ in plan.entries if only is None or n in only]
     bar = tqdm(
         total=len(names), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
     )

@@ -11,6 +11,7 @@ from ._lora_writer import LoraWriter
 from ._output import Protected, output_problems, protected_paths
 from ._readers import ShardedCheckpoint, StateDictCheckpoint, TorchFile, open_checkpoint
 from ._safetensors import SafetensorsFile
+from ._shard import ShardFile
 from ._writer import ModelWriter, escaping_side_files, parse_size
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ModelWriter",
     "Protected",
     "SafetensorsFile",
+    "ShardFile",
     "ShardedCheckpoint",
     "StateDictCheckpoint",
     "TorchFile",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import shutil
 import uuid
@@ -12,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from nanmerge._types import MergeError, TensorMeta
 
@@ -25,7 +23,8 @@ from ._output import (
     temp_names,
     write_lock,
 )
-from ._safetensors import byte_view, check_writable, encode_header
+from ._safetensors import check_writable
+from ._shard import ShardFile, check_planned, free_bytes, os_error
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
@@ -95,49 +94,6 @@ def escaping_side_files(src_folder: Path, names: Iterable[str]) -> list[str]:
     return problems
 
 
-def os_error(exc: OSError, path: Path, *, needed: int = 0) -> MergeError:
-    """One line for an operating-system fault: what, which path, and what to do."""
-    reason = exc.strerror or type(exc).__name__
-    if exc.errno == errno.ENOSPC:
-        free = _free_bytes(path)
-        room = "" if free is None else f"; {free:,} bytes are free there"
-        return MergeError(
-            f"disk full while writing {path}: the output needs {needed:,} bytes{room}; free "
-            "some space or choose an output on another file system"
-        )
-    if exc.errno == errno.EFBIG:
-        return MergeError(
-            f"file too large for its file system: {path}; set a smaller max_shard_size "
-            "(e.g. 2GB) or write to another file system"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return MergeError(f"cannot write {path}: {reason}; choose an output you may write to")
-    return MergeError(f"cannot write {path}: {reason}")
-
-
-def _free_bytes(path: Path) -> int | None:
-    for folder in (path, *path.parents):
-        if folder.is_dir():
-            try:
-                return shutil.disk_usage(folder).free
-            except OSError:
-                return None
-    return None
-
-
-def _start_writeback(file: BinaryIO, begin: int) -> None:
-    """Have the kernel start writing the file's bytes from `begin` to disk now.
-
-    Left alone, Linux starts writing back only once enough of memory is dirty, and each
-    shard's fsync then waits for the rest (0.7-0.8 s per 2.2 GB merge in
-    docs/PERFORMANCE.md, against 0.03-0.07 s with this). POSIX_FADV_DONTNEED starts that
-    writeback on Linux, then drops the pages once written, so the output does not push the
-    inputs out of the page cache.
-    """
-    if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: the final fsync does it all
-        os.posix_fadvise(file.fileno(), begin, file.tell() - begin, os.POSIX_FADV_DONTNEED)
-
-
 class ModelWriter:
     """Write a merged model as Hugging Face safetensors shards, streaming one tensor at a time.
 
@@ -192,7 +148,7 @@ class ModelWriter:
         ]
         self._planned = [(name, meta) for _, name, meta in self._order]
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._part: ShardFile | None = None
         self.notes: list[str] = []
         self.planned_bytes = sum(meta.nbytes for _, meta in entries)
         self.temp_dir, self._old, self._lock = temp_names(self.output, uuid.uuid4().hex[:8])
@@ -216,7 +172,7 @@ class ModelWriter:
 
     def _check_room(self) -> None:
         """Refuse up front when the planned output cannot fit on its file system."""
-        free = _free_bytes(self.output.parent)
+        free = free_bytes(self.output.parent)
         if free is not None and self.planned_bytes > free:
             raise MergeError(
                 f"the output needs {self.planned_bytes:,} bytes but {self.output.parent} has "
@@ -241,48 +197,42 @@ class ModelWriter:
     ) -> None:
         """The writer is open and `tensor` is the next planned one, with its shape and dtype."""
         self._require_open()
-        if self._next >= len(planned):
-            raise MergeError(f"tensor '{name}' was not planned: all {len(planned)} are written")
-        expected, meta = planned[self._next]
-        if name != expected:
-            detail = "is out of order" if any(n == name for n, _ in planned) else "was not planned"
-            raise MergeError(
-                f"writer expected tensor '{expected}' next (number {self._next + 1} of "
-                f"{len(planned)}) but got '{name}', which {detail}"
-            )
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise MergeError(
-                f"tensor '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype} but "
-                f"the plan says shape {meta.shape} and dtype {meta.dtype}"
-            )
+        check_planned(name, tensor, planned, self._next)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor; names, shapes and dtypes must match the plan."""
         self._check_next(name, tensor, self._planned)
         shard = self._order[self._next][0]
         with self._os_errors(self.temp_dir / self.shard_names[shard]):
-            file = self._file or self._start_shard(shard)
-            begin = file.tell()
-            file.write(byte_view(tensor.detach().to("cpu").contiguous()))
-            file.flush()  # bytes leave memory as each tensor arrives
-            _start_writeback(file, begin)
+            if self._part is None:
+                self._part = self.parts()[shard]
+            self._part.append(tensor)  # closes the shard after its last tensor
             self._next += 1
-            if self._next == len(self._order) or self._order[self._next][0] != shard:
-                self._end_shard()
+            if self._part.written == len(self._part.entries):
+                self._part = None
 
-    def _start_shard(self, shard: int) -> BinaryIO:
-        file = open(self.temp_dir / self.shard_names[shard], "wb")  # noqa: SIM115 - kept open
-        self._file = file
-        file.write(encode_header(self.shards[shard], self._metadata))
-        return file
+    def parts(self) -> list[ShardFile]:
+        """The planned shards, each to be written into the temporary folder (by its
+        absolute path: another process may run in another folder)."""
+        return [
+            ShardFile(self.temp_dir.absolute() / name, shard, self._metadata)
+            for name, shard in zip(self.shard_names, self.shards, strict=True)
+        ]
 
-    def _end_shard(self) -> None:
-        """Close the current shard, on disk before the rename makes the output visible."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+    def adopt(self) -> None:
+        """Take every planned shard as written by others (`parts()`, in other processes),
+        after checking that each file is there with its planned size."""
+        self._require_open()
+        if self._next:
+            raise MergeError(f"the writer for {self.output} has written tensors itself")
+        for part in self.parts():
+            size = part.path.stat().st_size if part.path.is_file() else None
+            if size != part.size:
+                raise MergeError(
+                    f"shard {part.path.name} of {self.output} is {size} bytes, not the "
+                    f"planned {part.size}: its writer did not finish"
+                )
+        self._next = len(self._order)
 
     def _target(self, relative_name: str) -> Path:
         relative = Path(relative_name)
@@ -336,8 +286,9 @@ class ModelWriter:
                     f"tensors were never written, starting with '{missing[0]}'"
                 )
             if not self._order:  # a model with no tensors still gets a valid empty file
-                self._start_shard(0)
-                self._end_shard()
+                part = self.parts()[0]
+                part.start()
+                part.close()
             if len(self.shards) > 1:
                 self._write_index()
             self._move_into_place()
@@ -367,9 +318,9 @@ class ModelWriter:
         if self._state != "open":
             return
         self._state = "aborted"
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._part is not None:
+            self._part.abandon()
+            self._part = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self._lock.unlink(missing_ok=True)
 

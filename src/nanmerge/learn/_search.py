@@ -12,8 +12,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import logging
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nanmerge._types import MergeError
+from nanmerge.engine._ray import connect
 from nanmerge.learn._search_check import accepts, check_space, expected_trials
 from nanmerge.learn._search_results import Table, write_results
 from nanmerge.learn._search_spec import (
@@ -34,7 +33,6 @@ EXPERIMENT = "search"
 INSTALL = "pip install 'nanmerge[ray]'"
 # the bundled suites' module, loaded by name: the layering keeps library code off bench/
 SUITES_MODULE = "nanmerge.bench._search_suites"
-CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ def search(
     setup = _setup(spec, Path(cache).resolve())
     check_space(spec, setup["models"])
     expected = expected_trials(spec, len(setup["models"].get("models", [])))
-    started = _connect(address)
+    started = connect(address)
     try:
         start = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
@@ -287,40 +285,3 @@ def evaluate(
             f"{', '.join(map(str, found)) or 'nothing'}"
         )
     return numbers
-
-
-def _reachable(address: str) -> None:
-    """One line, within seconds, when nothing listens at a host:port address."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise MergeError(f"--address {address!r}: write host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise MergeError(
-            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
-            "`ray start --head` there, or leave out --address for a local Ray"
-        ) from None
-
-
-def _connect(address: str | None) -> bool:
-    """Join the cluster at `address`, or start a local Ray; True when this call started it."""
-    import ray
-
-    if address:
-        _reachable(address)
-    if ray.is_initialized():
-        return False
-    try:
-        # workers' output stays in Ray's logs: a failed trial's traceback is in results.json
-        ray.init(
-            address=address or "local",  # a new local Ray, even beside a `ray start` one
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-    except (ConnectionError, RuntimeError) as exc:
-        raise MergeError(f"cannot join a Ray cluster at {address}: {exc}") from None
-    return True
