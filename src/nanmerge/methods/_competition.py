@@ -46,9 +46,10 @@ def magmax(
     FusionBench `fusion_bench/method/magmax`). It selects rather than weighs, so it has no
     coefficient slot (NAN.md: selection methods refuse `coefficients: nan`): a recipe that
     gives coefficients is refused. A direct call's coef scales each tau_i before the
-    competition (the largest |coef_i * tau_i| wins); the engine always passes ones. Ties go to the later model (the reference
-    folds with >=), so a tie between +x and -x depends on the models' order. The default scale
-    0.5 is the authors' script for independent fine-tunes (FusionBench's default too).
+    competition (the largest |coef_i * tau_i| wins); the engine always passes ones. Ties go to
+    the later model (the reference folds with >=), so a tie between +x and -x depends on the
+    models' order. The default scale 0.5 is the authors' script for independent fine-tunes
+    (FusionBench's default too).
     """
     import torch
 
