@@ -3,12 +3,18 @@ examples/gradient-slerp.yml (as published, `--form slices`, or in `models:` form
 passthrough frankenmerge in the form of examples/orcamini-platy-44layer.yml
 (`--form frankenmerge`: layers [0, 3) of one model, then [1, 5) of the other), and the
 gradient-slerp parameters over two slices, [0, 3) and [3, 5) (`--form gradient-slices`:
-mergekit counts each slice's depth from 0).
+mergekit counts each slice's depth from 0). `--form mega` is mergekit's examples/mega.yml
+(two YAML documents: the gradient slerp over slices, then TIES of its output and a third
+model over a fourth as base, with a per-model density gradient and a filtered weight), run
+by mergekit-yaml once per document and by `nanmerge run` on the whole file; it also counts
+entries beyond float rounding and bounds them by the extra entries TIES keeps where
+round-half-up(density n) exceeds mergekit's int(density n) (`--integral-density` picks
+densities with density n integral for every tensor, where no entry may differ).
 
-Builds two tiny random Llama checkpoints, merges them with mergekit (`mergekit-yaml`, from
+Builds tiny random Llama checkpoints, merges them with mergekit (`mergekit-yaml`, from
 the environment named by MERGEKIT_BIN, default /tmp/mk/bin) and with `nanmerge run`, and
 prints the largest absolute difference per tensor group. Never a test dependency:
-`python benchmarks/layered_vs_mergekit.py [--form slices|models|frankenmerge|gradient-slices]`.
+`python benchmarks/layered_vs_mergekit.py [--form slices|models|frankenmerge|gradient-slices|mega]`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -96,15 +103,131 @@ def recipe(a: Path, b: Path, form: str) -> dict[str, object]:
     return {**inputs, "base_model": str(a), **EXAMPLE}
 
 
+# mega.yml's densities; with --integral-density, multiples of 1/16 whose gradient values
+# (at depths 0, 1/4, ..., 1) are too, so density n is integral for n = 16, 256, 512, 1024
+DENSITIES: dict[str, Any] = {"gradient": [1, 0.7, 0.1], "flat": 0.33}
+INTEGRAL_DENSITIES: dict[str, Any] = {"gradient": [1, 0.75, 0.125], "flat": 0.3125}
+
+
+def mega(root: Path, slerped: Path, densities: dict[str, Any]) -> list[dict[str, object]]:
+    """examples/mega.yml with its four models as root/{a,b,c,base}, 5 layers, float32;
+    the second document reads `slerped` (the first's output)."""
+    sources = [{"model": str(root / m), "layer_range": [0, LAYERS]} for m in "ab"]
+    slerp = {"slices": [{"sources": sources}], "base_model": str(root / "a"), **EXAMPLE}
+    ties = {
+        "models": [
+            {"model": str(slerped), "parameters": {"density": densities["gradient"], "weight": 1}},
+            {
+                "model": str(root / "c"),
+                "parameters": {
+                    "density": densities["flat"],
+                    "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}],
+                },
+            },
+        ],
+        "merge_method": "ties",
+        "base_model": str(root / "base"),
+        "parameters": {"normalize": True, "int8_mask": True},
+        "dtype": "float32",
+    }
+    return [{**slerp, "out_path": str(slerped)}, {**ties, "out_path": str(root / "nm")}]
+
+
+def extra_kept(name: str, numel: int, densities: dict[str, Any]) -> int:
+    """Entries nanmerge's TIES keeps beyond mergekit's in one tensor, summed over the two
+    models: round-half-up(d n) - max(1, int(d n)) for each model's density d at its depth."""
+    layer = name.split(".")[2] if name.startswith("model.layers.") else None
+    gradient = [float(v) for v in densities["gradient"]]
+    depth = int(layer) / (LAYERS - 1) if layer is not None else 0.0
+    first = depth * (len(gradient) - 1)
+    low = min(int(first), len(gradient) - 2)
+    d1 = gradient[low] + (gradient[low + 1] - gradient[low]) * (first - low)
+    extra = 0
+    for d in (d1, float(densities["flat"])):
+        if d < 1:
+            extra += min(numel, int(d * numel + 0.5)) - max(1, int(d * numel))
+    return extra
+
+
+def nanmerge_run(recipe_file: Path, output: Path | None) -> None:
+    out = ["--output", str(output)] if output is not None else []
+    cmd = [sys.executable, "-m", "nanmerge", "run", str(recipe_file), *out, "--quiet"]
+    subprocess.run(cmd, check=True)
+
+
+def shards(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in folder.glob("*.safetensors"):
+        tensors |= load_file(shard)
+    return tensors
+
+
+def compare(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], label: str
+) -> dict[str, int]:
+    """Print the largest |nanmerge - mergekit| per tensor group and overall; return, per
+    tensor, the entries that differ by more than float32 rounding (1e-5 relative)."""
+    if ours.keys() != theirs.keys():
+        print(f"{label}: tensor names differ: {sorted(set(ours) ^ set(theirs))[:8]}")
+        return {}
+    diffs = {n: (ours[n] - theirs[n]).abs() for n in ours}
+    beyond = {n: int((d > 1e-5 * (1 + theirs[n].abs())).sum()) for n, d in diffs.items()}
+    worst = max((float(d.max()), n) for n, d in diffs.items())
+    groups: dict[str, float] = {}
+    for name, d in diffs.items():
+        group = next((g for g in ("self_attn", "mlp", "layernorm") if g in name), name)
+        groups[group] = max(groups.get(group, 0.0), float(d.max()))
+    print(f"{label}: tensors: {len(ours)} (mergekit wrote {len(theirs)})")
+    for group, diff in groups.items():
+        print(f"  {group:30s} max |nanmerge - mergekit| = {diff:.3g}")
+    print(f"  largest: {worst[0]:.3g} at {worst[1]}")
+    return beyond
+
+
+def run_mega(root: Path, mergekit_bin: Path, integral: bool) -> None:
+    densities = INTEGRAL_DENSITIES if integral else DENSITIES
+    for seed, name in enumerate(["a", "b", "c", "base"]):
+        write_llama(root / name, seed)
+    for i, doc in enumerate(mega(root, root / "mk-slerp", densities)):
+        alone = {k: v for k, v in doc.items() if k != "out_path"}  # mergekit-yaml's is an argument
+        (root / f"mk{i}.yml").write_text(yaml.safe_dump(alone))
+        out = root / ("mk-slerp" if i == 0 else "mk")
+        mergekit = [str(mergekit_bin / "mergekit-yaml"), str(root / f"mk{i}.yml"), str(out)]
+        subprocess.run(mergekit, check=True)
+    (root / "mega.yml").write_text(
+        yaml.safe_dump_all(mega(root, root / "nm-slerp", densities), sort_keys=False)
+    )
+    nanmerge_run(root / "mega.yml", None)
+    print(f"form: mega; densities {densities}")
+    compare(shards(root / "nm-slerp"), shards(root / "mk-slerp"), "document 1 (slerp)")
+    ours, theirs = shards(root / "nm"), shards(root / "mk")
+    beyond = compare(ours, theirs, "document 2 (ties)")
+    bound = {n: extra_kept(n, ours[n].numel(), densities) for n in ours}
+    print(
+        f"  entries beyond float rounding: {sum(beyond.values())} of "
+        f"{sum(t.numel() for t in ours.values())}, in {sum(v > 0 for v in beyond.values())} "
+        f"tensors; extra entries kept (round vs int): {sum(bound.values())}"
+    )
+    unexplained = [n for n in ours if beyond[n] > bound[n]]
+    print(f"  tensors with more differing entries than extra kept ones: {unexplained or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--form", choices=["slices", "models", "frankenmerge", "gradient-slices"], default="models"
+        "--form",
+        choices=["slices", "models", "frankenmerge", "gradient-slices", "mega"],
+        default="models",
     )
     parser.add_argument(
         "--plain-gradient",
         action="store_true",
         help="t: [0.1, 0.9] for every tensor, to compare where embeddings, norms and head fall",
+    )
+    parser.add_argument(
+        "--integral-density",
+        action="store_true",
+        help="--form mega: densities with density n integral, where int() and round() agree",
     )
     args = parser.parse_args()
     if args.plain_gradient:
@@ -112,6 +235,9 @@ def main() -> None:
     mergekit_bin = Path(os.environ.get("MERGEKIT_BIN", "/tmp/mk/bin"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.form == "mega":
+            run_mega(root, mergekit_bin, args.integral_density)
+            return
         write_llama(root / "a", 0)
         write_llama(root / "b", 1)
         (root / "recipe.yml").write_text(yaml.safe_dump(recipe(root / "a", root / "b", args.form)))
@@ -119,37 +245,8 @@ def main() -> None:
             [str(mergekit_bin / "mergekit-yaml"), str(root / "recipe.yml"), str(root / "mk")],
             check=True,
         )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nanmerge",
-                "run",
-                str(root / "recipe.yml"),
-                "--output",
-                str(root / "nm"),
-                "--quiet",
-            ],
-            check=True,
-        )
-        theirs = {}
-        for shard in (root / "mk").glob("*.safetensors"):
-            theirs |= load_file(shard)
-        ours = load_file(root / "nm" / "model.safetensors")
-        if ours.keys() != theirs.keys():
-            print(f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:8]}")
-            return
-        worst = max((float((ours[n] - theirs[n]).abs().max()), n) for n in ours)
-        groups: dict[str, float] = {}
-        for name in ours:
-            group = next((g for g in ("self_attn", "mlp", "layernorm") if g in name), name)
-            groups[group] = max(
-                groups.get(group, 0.0), float((ours[name] - theirs[name]).abs().max())
-            )
-        print(f"form: {args.form}; tensors: {len(ours)} (mergekit wrote {len(theirs)})")
-        for group, diff in groups.items():
-            print(f"  {group:30s} max |nanmerge - mergekit| = {diff:.3g}")
-        print(f"largest: {worst[0]:.3g} at {worst[1]}")
+        nanmerge_run(root / "recipe.yml", root / "nm")
+        compare(shards(root / "nm"), shards(root / "mk"), f"form: {args.form}")
 
 
 if __name__ == "__main__":
