@@ -119,6 +119,59 @@ def test_cmaes_improves_on_its_first_generation(tmp_path: Path) -> None:
     assert min(losses[5:]) < min(losses[:5])
 
 
+def test_layer_coefficients_search_one_schedule_over_depth_per_model(tmp_path: Path) -> None:
+    """Three blocks and three knots: block l takes knot l of each model exactly (t = l / 2),
+    so each trial's merge is base + sum_i knot[i][l] * tau_i, written out here again."""
+    shapes = {f"model.layers.{layer}.mlp.weight": (3, 2) for layer in range(3)}
+    family = build_family(tmp_path / "inputs", m=2, shapes={**shapes, "lm_head.weight": (2, 3)})
+    body = (
+        "def objective(state):\n"
+        f"    return {{'score': float(sum(state[k].square().sum() for k in {sorted(shapes)!r}))}}\n"
+    )
+    spec = {
+        "recipe": {
+            "base": str(family.base),
+            "models": [str(p) for p in family.models],
+            "method": "task_arithmetic",
+            "parameters": {"scale": 1.0},
+        },
+        "space": {"layer_coefficients": {"knots": 3, "uniform": [0.0, 1.0]}},
+        "objective": {"function": _objective_file(tmp_path, body), "metrics": {"score": "min"}},
+        "strategy": "random",
+        "budget": {"trials": 3},
+    }
+    result = search(spec, out=tmp_path / "out")
+    assert result.table.count("finished") == 3
+    for row in result.table.rows:
+        recipe = row["recipe"]
+        assert recipe["coefficients"] == "manual"
+        knots = [m["coefficient"]["schedule"] for m in recipe["models"]]
+        assert len(knots) == 2 and all(len(k) == 3 and 0 <= min(k) <= max(k) <= 1 for k in knots)
+        score = sum(
+            float(
+                (
+                    family.base_tensors[name]
+                    + sum(
+                        knots[i][layer]
+                        * (family.model_tensors[i][name] - family.base_tensors[name])
+                        for i in range(2)
+                    )
+                )
+                .square()
+                .sum()
+            )
+            for layer, name in enumerate(sorted(shapes))
+        )
+        assert row["metrics"]["score"] == pytest.approx(score, rel=1e-5)
+    best = result.table.best()
+    assert best is not None
+    written = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    written.pop("output")
+    rerun = nanmerge.merge(written)
+    again = float(sum(rerun[k].square().sum() for k in shapes))
+    assert again == pytest.approx(best["metrics"]["score"], rel=1e-6)
+
+
 def test_a_killed_search_resumes_without_redoing_finished_trials(
     tmp_path: Path, models: Family
 ) -> None:
@@ -193,6 +246,10 @@ def _write(folder: Path, spec: dict[str, Any]) -> str:
         ({"parameters": {"density": {"uniform": [0.5, 1.5]}}, "method": ["ties"]}, "density"),
         ({"parameters": {"densty": [0.5]}, "method": ["ties"]}, "'densty': no method searched"),
         ({"coefficients": ["uniform", "nann"]}, "nann"),
+        (  # the family's tensors (layer.weight, head.weight) sit in no numbered block
+            {"layer_coefficients": {"knots": 2, "uniform": [0.0, 1.0], "points": 2}},
+            "no tensor is in a numbered block",
+        ),
     ],
 )
 def test_a_bad_space_is_refused_before_any_trial(
@@ -215,6 +272,16 @@ def test_a_bad_space_is_refused_before_any_trial(
         ({"space": {"parameters": {"scale": {"uniform": [0, 1]}}}}, "a grid needs `points`"),
         ({"strategy": "random"}, "needs budget.trials or budget.minutes"),
         ({"spaec": {}}, "unknown field (did you mean 'space'?)"),
+        ({"space": {"layer_coefficients": {"knots": 1, "uniform": [0, 1]}}}, "knots is 1"),
+        (
+            {
+                "space": {
+                    "layer_coefficients": {"knots": 2, "uniform": [0, 1], "points": 2},
+                    "model_coefficients": [0.5, 1.0],
+                }
+            },
+            "search one of the two",
+        ),
     ],
 )
 def test_a_bad_spec_is_refused_in_words(

@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from nanmerge._types import MergeError
-from nanmerge.learn._search_spec import COEFFICIENTS, METHOD, MODEL, PARAM, SearchSpec, trial_recipe
+from nanmerge.learn._search_spec import (
+    COEFFICIENTS,
+    LAYER,
+    METHOD,
+    MODEL,
+    PARAM,
+    SearchSpec,
+    trial_recipe,
+)
 
 
 def accepts(method: str) -> frozenset[str]:
@@ -25,7 +33,7 @@ def check_space(spec: SearchSpec, models: Mapping[str, Any]) -> None:
     """Every problem of the space at once, before any trial: each method, each estimator
     choice and both ends of each range are checked as the recipes they make."""
     from nanmerge.config import load_recipe
-    from nanmerge.engine import check_recipe
+    from nanmerge.engine import check_recipe, plan
     from nanmerge.methods import get_method
 
     problems: list[str] = []
@@ -59,12 +67,26 @@ def check_space(spec: SearchSpec, models: Mapping[str, Any]) -> None:
     count = len(models.get("models", []))
     per_model = spec.space.model_coefficients
     ends = per_model.ends() if per_model is not None else []
-    cases = [(label, {**_all_models(ends[:1], count), **config}) for label, config in cases]
+    layered = spec.space.layer_coefficients
+    knots = layered.knots if layered is not None else 0
+    lo, hi = (layered.ends()[0], layered.ends()[-1]) if layered is not None else (None, None)
+    fill = {**_all_models(ends[:1], count), **_all_knots([lo] * knots, count)}
+    cases = [(label, {**fill, **config}) for label, config in cases]
     cases += [(f"model_coefficients={v}", {**first, **_all_models([v], count)}) for v in ends]
+    # one schedule over both ends (first knot at one, the rest at the other): the engine's
+    # plan opens the inputs' names and refuses it on a model without numbered blocks
+    if layered is not None:
+        values = [lo] + [hi] * (knots - 1)
+        cases.append(
+            (f"layer_coefficients=[{lo}, {hi}, ...]", {**first, **_all_knots(values, count)})
+        )
     for label, config in cases if known else []:
         try:
             recipe = load_recipe(trial_recipe(spec, config, models, accepts))
-            check_recipe(recipe, for_output=False)
+            if label.startswith("layer_coefficients"):
+                plan(recipe, for_output=False).close()
+            else:
+                check_recipe(recipe, for_output=False)
         except MergeError as exc:
             lines = [ln.strip(" -") for ln in str(exc).splitlines()]
             problems.append(f"{label}: {'; '.join(ln for ln in lines[1:] or lines if ln)}")
@@ -76,6 +98,11 @@ def check_space(spec: SearchSpec, models: Mapping[str, Any]) -> None:
 def _all_models(value: list[Any], count: int) -> dict[str, Any]:
     """Config entries giving every model the one value in `value` (none when it is empty)."""
     return {f"{MODEL}{i}": v for v in value for i in range(count)}
+
+
+def _all_knots(values: list[Any], count: int) -> dict[str, Any]:
+    """Config entries giving every model the schedule `values` (none when it is empty)."""
+    return {f"{LAYER}{i}:{k}": v for i in range(count) for k, v in enumerate(values)}
 
 
 def expected_trials(spec: SearchSpec, models: int) -> int | None:

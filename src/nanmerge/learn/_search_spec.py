@@ -24,6 +24,7 @@ RANGES = ("uniform", "loguniform", "integer")
 # Keys of a trial's config (what Ray Tune samples): choices are sampled as indices, so a
 # choice may be any recipe value (an estimator mapping) and every searcher can sample it.
 METHOD, COEFFICIENTS, PARAM, MODEL = "method", "coefficients", "param:", "model:"
+LAYER = "layer:"  # `layer:i:k`: knot k of model i's coefficient schedule over depth
 
 
 class Dimension(BaseModel):
@@ -91,6 +92,22 @@ class Dimension(BaseModel):
         return int(sampled) if self.integer is not None else float(sampled)
 
 
+class Knots(Dimension):
+    """A range (or choice) drawn `knots` times per model: that model's coefficient schedule
+    over depth, `{schedule: [v0, ..., v(knots-1)]}`, first at layer 0 and last at the last."""
+
+    knots: int = Field(description="values per model, spaced evenly over depth")
+
+    @model_validator(mode="after")
+    def _two_knots(self) -> Knots:
+        if self.knots < 2:
+            raise ValueError(
+                f"knots is {self.knots}: a schedule over depth needs at least 2 (a first and a "
+                "last layer); for one value per model use model_coefficients"
+            )
+        return self
+
+
 class Space(BaseModel):
     """What varies between trials; anything not named here is the base recipe's."""
 
@@ -104,6 +121,9 @@ class Space(BaseModel):
     model_coefficients: Dimension | None = Field(
         None, description="one coefficient per model, each drawn from this (estimator manual)"
     )
+    layer_coefficients: Knots | None = Field(
+        None, description="per model, a schedule over depth of `knots` values (estimator manual)"
+    )
 
     @model_validator(mode="after")
     def _choices(self) -> Space:
@@ -111,10 +131,16 @@ class Space(BaseModel):
             dim = getattr(self, name)
             if dim is not None and dim.choice is None:
                 raise ValueError(f"{name} must be a choice (a list), not a {dim.kind} range")
-        if self.model_coefficients is not None and self.coefficients is not None:
+        for name in ("model_coefficients", "layer_coefficients"):
+            if getattr(self, name) is not None and self.coefficients is not None:
+                raise ValueError(
+                    f"{name} are read by the manual estimator; drop `coefficients` "
+                    "from the space, or search one of the two"
+                )
+        if self.model_coefficients is not None and self.layer_coefficients is not None:
             raise ValueError(
-                "model_coefficients are read by the manual estimator; drop `coefficients` "
-                "from the space, or search one of the two"
+                "model_coefficients and layer_coefficients both set each model's coefficient; "
+                "search one of the two (a schedule with equal knots is one value per model)"
             )
         return self
 
@@ -189,7 +215,8 @@ class SearchSpec(BaseModel):
         return self
 
     def dimensions(self, models: int) -> dict[str, Dimension]:
-        """Every searched dimension by its config key (one per model for model_coefficients)."""
+        """Every searched dimension by its config key (one per model for model_coefficients,
+        `knots` per model for layer_coefficients)."""
         dims: dict[str, Dimension] = {}
         if self.space.method is not None:
             dims[METHOD] = self.space.method
@@ -198,6 +225,10 @@ class SearchSpec(BaseModel):
             dims[COEFFICIENTS] = self.space.coefficients
         if self.space.model_coefficients is not None:
             dims.update({f"{MODEL}{i}": self.space.model_coefficients for i in range(models)})
+        layered = self.space.layer_coefficients
+        if layered is not None:
+            keys = [f"{LAYER}{i}:{k}" for i in range(models) for k in range(layered.knots)]
+            dims.update(dict.fromkeys(keys, layered))
         return dims
 
 
@@ -240,7 +271,7 @@ def _describe(error: Any) -> str:
         }
         owner = owners.get(loc[0], SearchSpec)
         if loc[0] == "space" and len(loc) > 2:
-            owner = Dimension
+            owner = Knots if loc[1] == "layer_coefficients" else Dimension
         return f"{where}: unknown field{did_you_mean(str(loc[-1]), owner.model_fields)}"
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
@@ -268,11 +299,22 @@ def trial_recipe(
     recipe["parameters"] = {k: v for k, v in params.items() if k in taken}
     if COEFFICIENTS in config:
         recipe["coefficients"] = dims[COEFFICIENTS].value(config[COEFFICIENTS])
-    if spec.space.model_coefficients is not None:
+    layered = spec.space.layer_coefficients
+    if spec.space.model_coefficients is not None or layered is not None:
         entries = [e if isinstance(e, Mapping) else {"path": e} for e in recipe["models"]]
         recipe["models"] = [
-            {**entry, "coefficient": dims[f"{MODEL}{i}"].value(config[f"{MODEL}{i}"])}
+            {**entry, "coefficient": _coefficient(dims, config, i, layered)}
             for i, entry in enumerate(entries)
         ]
         recipe["coefficients"] = "manual"
     return recipe
+
+
+def _coefficient(
+    dims: Mapping[str, Dimension], config: Mapping[str, Any], i: int, layered: Knots | None
+) -> Any:
+    """Model i's sampled coefficient: one value, or its knots as a schedule over depth."""
+    if layered is None:
+        return dims[f"{MODEL}{i}"].value(config[f"{MODEL}{i}"])
+    keys = [f"{LAYER}{i}:{k}" for k in range(layered.knots)]
+    return {"schedule": [dims[key].value(config[key]) for key in keys]}
