@@ -77,3 +77,13 @@ def temporary() -> Iterator[Callable[..., Callable[..., Any]]]:
     yield add
     for name in added:
         _METHODS.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray on 2 CPUs for a module's tests (ray is imported only where used)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from nanmerge._types import MergeError
 from nanmerge.cli import main
 from tests.conftest import Family, build_family
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray per module (conftest)
+
 ray = pytest.importorskip("ray")
 
 SHAPES = {
@@ -35,14 +36,6 @@ SHAPES = {
 SHARD = 600  # bytes: a (16, 8) float32 tensor is 512, so 4 shards
 # what may differ between two runs of one recipe, and what says the merge ran on Ray
 RUN_FIELDS = ("created", "timings_s", "ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    """One local Ray for the module, on 2 CPUs."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +160,7 @@ import json, sys
 from click.testing import CliRunner
 sys.modules["ray"] = None  # as if Ray were not installed
 from nanmerge.cli import main
+
 run = CliRunner().invoke(main, ["run", sys.argv[1], "--ray"])
 print(json.dumps({"code": run.exit_code, "output": run.output}))
 """

@@ -7,13 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import yaml
 from click.testing import CliRunner
 
@@ -23,15 +21,9 @@ from nanmerge.cli import main
 from nanmerge.learn._search import search
 from tests.conftest import Family, build_family
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray per module (conftest)
+
 NAN_TAU = {"estimator": "nan", "norm_of": "task_vector"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    """One local Ray for the module, on 2 CPUs."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +306,7 @@ import json, sys
 from click.testing import CliRunner
 sys.modules["ray"] = None  # as if Ray were not installed
 from nanmerge.cli import main
+
 help = CliRunner().invoke(main, ["search", "--help"])
 loaded = sorted(m for m in ("torch", "ray.tune") if m in sys.modules)
 run = CliRunner().invoke(main, ["search", sys.argv[1]])
