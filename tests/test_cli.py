@@ -157,10 +157,11 @@ def test_methods_lists_every_method_with_parameters_and_reference() -> None:
 
 def test_methods_states_each_parameters_constraint_in_words() -> None:
     text = CliRunner().invoke(main, ["methods"]).output
-    assert "    density=0.2 (a number with 0 < x <= 1)\n" in text
+    assert "    density=0.2 (a number with 0 < x <= 1; or one per model)\n" in text
     assert "    merge=mean (one of 'mean', 'sum', 'count')\n" in text
     assert "    and gamma + density <= 1" in text  # breadcrumbs' rule tying two parameters
     assert "    t (required; a finite number with x >= 0)\n" in text  # nearswap has no default
+    assert "    gamma=0.01 (a number with 0 <= x < 1; or one per model)\n" in text
     data = json.loads(CliRunner().invoke(main, ["methods", "--json"]).output)
     for row in data.values():  # keys added, none removed
         assert {"parameters", "needs_base", "models", "statistics", "reference"} <= set(row)

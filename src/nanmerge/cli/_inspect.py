@@ -99,6 +99,7 @@ def methods(as_json: bool) -> None:
             "parameters": spec.params,
             "required": [k for k in spec.signature.words if k not in spec.params],
             "constraints": spec.signature.words,
+            "per_model": list(spec.per_model),
             "rule": None if spec.validate is None else inspect.getdoc(spec.validate),
             "needs_base": spec.needs_base,
             "models": [spec.min_models, spec.max_models],
@@ -115,6 +116,7 @@ def methods(as_json: bool) -> None:
         for key in row["required"]:
             click.echo(f"    {key} (required; {row['constraints'][key]})")
         for key, default in row["parameters"].items():
-            click.echo(f"    {key}={default} ({row['constraints'][key]})")
+            each = "; or one per model" if key in row["per_model"] else ""
+            click.echo(f"    {key}={default} ({row['constraints'][key]}{each})")
         if row["rule"]:
             click.echo(f"    and {row['rule']}")
