@@ -167,7 +167,8 @@ def test_methods_states_each_parameters_constraint_in_words() -> None:
         assert {"parameters", "needs_base", "models", "statistics", "reference"} <= set(row)
         assert set(row["constraints"]) == set(row["parameters"]) | set(row["required"])
     assert data["slerp"]["constraints"] == {"t": "a number with 0 <= x <= 1"}
-    assert data["ties"]["rule"] is None
+    assert data["task_arithmetic"]["rule"] is None
+    assert "    and rescale is not probability (a magnitude trim" in text  # ties' rule
 
 
 def test_console_script_is_installed_and_runs() -> None:

@@ -189,6 +189,23 @@ def _consensus(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
     return x.base + p["scale"] * torch.where(count >= p["k"], mtl, torch.zeros_like(mtl))
 
 
+def _sce(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
+    """The top select_topk of the entries of nonzero variance across models kept; weights
+    m_i / sum m_j (m_i: mean square); entries against sign(sum tau) erased; weighted mean."""
+    taus = _task_vectors(x).reshape(len(x.tensors), -1)
+    if p["select_topk"] < 1:
+        var = taus.var(0, unbiased=False)
+        k = math.floor(p["select_topk"] * int((var != 0).sum()) + 0.5)
+        keep = torch.zeros_like(var)
+        keep[var.argsort(descending=True, stable=True)[:k]] = 1
+        taus = taus * keep
+    m = taus.square().mean(1)
+    w = (m / m.sum()).unsqueeze(1) * ((taus.sign() == taus.sum(0).sign()) & (taus != 0))
+    total = w.sum(0)
+    merged = torch.where(total > 0, (w * taus).sum(0) / total, torch.zeros_like(total))
+    return x.base + p["scale"] * merged.reshape(x.base.shape)
+
+
 def _emr(x: Inputs, p: Mapping[str, Any]) -> torch.Tensor:
     """base + sign(sum tau) * the largest |tau_t| among the tasks agreeing with that sign."""
     taus = _task_vectors(x)
@@ -280,6 +297,27 @@ ROWS: dict[str, Row] = {
         formula=_subspace(subspace_formulas.dc_merge_update, "density"),
         tolerance=SVD,
     ),
+    "breadcrumbs_ties": Row(
+        examples=({"density": 0.6, "gamma": 0.2}, {"density": 0.5, "gamma": 0.1, "merge": "mean"}),
+        formula=lambda x, p: (
+            x.base
+            + p["scale"]
+            * _elect(
+                torch.stack([_band(t, p["density"], p["gamma"]) for t in _task_vectors(x)]),
+                p["merge"],
+            )
+        ),
+    ),
+    # at density 1 MagPrune keeps every entry: task arithmetic, and TIES without its trim
+    "della": Row(
+        examples=({"density": 1.0}, {"density": 1.0, "merge": "sum"}),
+        formula=lambda x, p: x.base + p["scale"] * _elect(_task_vectors(x), p["merge"]),
+    ),
+    "della_linear": Row(
+        examples=({"density": 1.0},),
+        formula=lambda x, p: x.base + p["scale"] * _task_vectors(x).sum(0),
+    ),
+    "sce": Row(examples=({}, {"select_topk": 0.4}), formula=_sce),
 }
 
 

@@ -26,13 +26,22 @@ def test_params_are_the_keyword_only_hyperparameters_with_defaults() -> None:
         "scale": 1.0,
         "merge": "mean",
         "trim_scope": "tensor",
+        "conventions": "nanmerge",
+        "rescale": "none",
     }
-    assert get_method("dare_linear").params == {"density": 0.5, "scale": 0.3}
+    assert get_method("dare_linear").params == {
+        "density": 0.5,
+        "scale": 0.3,
+        "conventions": "nanmerge",
+        "rescale": "probability",
+    }
     assert get_method("breadcrumbs").params == {
         "density": 0.9,
         "gamma": 0.01,
         "scale": 0.3,
         "trim_scope": "tensor",
+        "conventions": "nanmerge",
+        "rescale": "none",
     }
     assert get_method("slerp").params == {"t": 0.5}
     assert get_method("weight_average").params == {"normalize": True}

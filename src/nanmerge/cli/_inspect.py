@@ -119,4 +119,5 @@ def methods(as_json: bool) -> None:
             each = "; or one per model" if key in row["per_model"] else ""
             click.echo(f"    {key}={default} ({row['constraints'][key]}{each})")
         if row["rule"]:
-            click.echo(f"    and {row['rule']}")
+            rule = " ".join(row["rule"].split())  # the docstring's lines as one
+            click.echo(f"    and {rule}")

@@ -10,6 +10,7 @@ from nanmerge.methods._competition import magmax, pcb
 from nanmerge.methods._consensus import consensus, emr
 from nanmerge.methods._data_informed import fisher, regmean
 from nanmerge.methods._dc_merge import dc_merge
+from nanmerge.methods._della import della, della_linear
 from nanmerge.methods._linear import passthrough, weight_average
 from nanmerge.methods._model_stock import model_stock
 from nanmerge.methods._registry import (
@@ -20,6 +21,7 @@ from nanmerge.methods._registry import (
     get_method,
     register,
 )
+from nanmerge.methods._sce import sce
 from nanmerge.methods._selective import arcee_fusion, nearswap
 from nanmerge.methods._slerp import karcher, multislerp, nuslerp, slerp
 from nanmerge.methods._sparsify import tensor_generator
@@ -27,6 +29,7 @@ from nanmerge.methods._statistic_kinds import STATISTIC_KINDS, STATISTICS, Stati
 from nanmerge.methods._subspace import iso_c, iso_cts, tsv
 from nanmerge.methods._task_arithmetic import (
     breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_ties,
     task_arithmetic,
@@ -42,12 +45,15 @@ __all__ = [
     "StatisticKind",
     "arcee_fusion",
     "breadcrumbs",
+    "breadcrumbs_ties",
     "check_params",
     "consensus",
     "count_problem",
     "dare_linear",
     "dare_ties",
     "dc_merge",
+    "della",
+    "della_linear",
     "emr",
     "fisher",
     "get_method",
@@ -63,6 +69,7 @@ __all__ = [
     "pcb",
     "register",
     "regmean",
+    "sce",
     "slerp",
     "task_arithmetic",
     "tensor_generator",

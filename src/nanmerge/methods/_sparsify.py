@@ -84,10 +84,12 @@ KEEP_NONE = Cut(math.inf, -1)
 
 @dataclass(frozen=True)
 class Band:
-    """Keep what `keep` selects and `drop` does not (breadcrumbs drops the top outliers)."""
+    """Keep what `keep` selects and `drop` does not (breadcrumbs drops the top outliers);
+    `scale` multiplies the kept entries (an L1 rescale found over the whole tensor)."""
 
     keep: Cut
     drop: Cut = KEEP_NONE
+    scale: float = 1.0
 
     def mask(self, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """1 where kept, else 0 (see `Cut.mask`): `drop` keeps a subset of what `keep` does,
@@ -272,8 +274,7 @@ def random_mask(
     """
     import torch
 
-    if generator is None:
-        generator = np.random.Generator(np.random.PCG64(int(torch.randint(1 << 62, ()))))
+    generator = or_global(generator)
     m, numel = shape[0], math.prod(shape[1:])
     # kept: a draw below it (one number, or a column of one per model)
     rows = [round(keep_probability(of_model(density, i)) * 65536) for i in range(m)]
@@ -293,6 +294,26 @@ def random_mask(
         per_row = below if isinstance(below, int) else below[:, 0]
         np.less(rest, per_row, out=keep[:, whole:], casting="unsafe")
     return torch.from_numpy(keep).reshape(shape).to(device)
+
+
+def or_global(generator: np.random.Generator | None) -> np.random.Generator:
+    """`generator`, or one seeded from torch's global generator, so that `torch.manual_seed`
+    makes the draws reproducible, as in mergekit and PEFT."""
+    import torch
+
+    if generator is not None:
+        return generator
+    return np.random.Generator(np.random.PCG64(int(torch.randint(1 << 62, ()))))
+
+
+def uniform_draws(m: int, numel: int, generator: np.random.Generator | None) -> torch.Tensor:
+    """(m, numel) uniform 16-bit draws as int32 (0 to 65535), row after row: an entry with
+    keep probability k / 65536 is kept where its draw is below k. Without a generator one is
+    seeded from torch's global generator, as in `random_mask`."""
+    import torch
+
+    generator = or_global(generator)
+    return torch.from_numpy(_draws(generator, (m,), numel).astype(np.int32))
 
 
 def _draws(generator: np.random.Generator, rows: tuple[int, ...], width: int) -> np.ndarray:
