@@ -164,7 +164,13 @@ def test_ties_example_skips_the_base_entry_and_keeps_mergekit_defaults() -> None
     assert translated(TIES_YML) == {
         "method": "ties",
         "base": "mistralai/Mistral-7B-v0.1",
-        "parameters": {"density": 0.5, "scale": 1.0, "merge": "mean"},
+        "parameters": {
+            "density": 0.5,
+            "scale": 1.0,
+            "merge": "mean",
+            "rescale": "none",
+            "conventions": "mergekit",
+        },
         "coefficients": "manual",
         "models": [
             {"path": "OpenPipe/mistral-ft-optimized-1218", "coefficient": 0.5},
@@ -177,7 +183,13 @@ def test_ties_example_skips_the_base_entry_and_keeps_mergekit_defaults() -> None
 def test_dare_ties_example_sums_without_normalizing_and_ignores_int8_mask() -> None:
     recipe = from_mergekit(yaml.safe_load(DARE_TIES_YML))
     assert recipe["method"] == "dare_ties"
-    assert recipe["parameters"] == {"density": 0.53, "scale": 1.0, "merge": "sum"}
+    assert recipe["parameters"] == {
+        "density": 0.53,
+        "scale": 1.0,
+        "merge": "sum",
+        "rescale": "l1",
+        "conventions": "mergekit",
+    }
     assert [m["coefficient"] for m in recipe["models"]] == [0.4, 0.3, 0.3]
     assert recipe["dtype"] == "bfloat16"
 
@@ -197,15 +209,19 @@ def test_slerp_example_puts_base_model_first() -> None:
     [
         ("task_arithmetic", {}, {"scale": 1.0}),
         ("task_arithmetic", {"lambda": 0.7}, {"scale": 0.7}),
-        ("dare_linear", {"density": 0.4}, {"density": 0.4, "scale": 1.0}),
+        ("dare_linear", {"density": 0.4}, {"density": 0.4, "scale": 1.0, "rescale": "l1"}),
         (
             "breadcrumbs",
             {"density": 0.8, "gamma": 0.02},
-            {"density": 0.8, "gamma": 0.02, "scale": 1.0},
+            {"density": 0.8, "gamma": 0.02, "scale": 1.0, "rescale": "none"},
         ),
-        # mergekit: density 1.0 keeps every entry, so its gamma 0.01 drops nothing
-        ("breadcrumbs", {}, {"density": 1.0, "gamma": 0.0, "scale": 1.0}),
-        ("ties", {"normalize": False}, {"density": 1.0, "scale": 1.0, "merge": "sum"}),
+        # mergekit: density 1.0 keeps every entry (its conventions then drop no outliers)
+        ("breadcrumbs", {}, {"density": 1.0, "gamma": 0.01, "scale": 1.0, "rescale": "none"}),
+        (
+            "ties",
+            {"normalize": False},
+            {"density": 1.0, "scale": 1.0, "merge": "sum", "rescale": "none"},
+        ),
     ],
 )
 def test_method_parameters_take_mergekit_defaults(
@@ -218,7 +234,8 @@ def test_method_parameters_take_mergekit_defaults(
         "parameters": {"weight": 0.5, **global_params},
     }
     recipe = from_mergekit(data)
-    assert recipe["method"] == method and recipe["parameters"] == expected
+    conventions = {} if method == "task_arithmetic" else {"conventions": "mergekit"}
+    assert recipe["method"] == method and recipe["parameters"] == expected | conventions
     assert [m["coefficient"] for m in recipe["models"]] == [1.0, 0.5]
 
 
@@ -246,9 +263,9 @@ def test_coefficients_extension_replaces_weights_and_keeps_nanmerge_fields() -> 
     assert load_recipe({**data, "coefficients": "nan"}).coefficients.estimator == "nan"
 
 
-def test_tokenizer_source_base_is_what_nanmerge_copies_anyway() -> None:
+def test_tokenizer_source_base_becomes_the_tokenizer_field() -> None:
     recipe = from_mergekit({**yaml.safe_load(TIES_YML), "tokenizer_source": "base"})
-    assert recipe["method"] == "ties" and "tokenizer_source" not in recipe
+    assert recipe["method"] == "ties" and recipe["tokenizer"] == {"source": "base"}
 
 
 def test_mergekit_base_plus_lora_syntax_reads_the_adapter_over_the_base() -> None:
@@ -285,38 +302,25 @@ def test_slices_filters_and_other_methods_are_listed_in_one_error() -> None:
         "merge_method": "not_a_mergekit_method",
         "base_model": "b",
         "models": [{"model": "a"}],
-        "tokenizer_source": "union",
+        "tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}},
         "chat_template": "llama3",
     }
     with pytest.raises(MergeError) as info:
         from_mergekit(data)
     message = str(info.value)
     assert "3 feature(s)" in message
-    for text in ("merge_method 'not_a_mergekit_method'", "tokenizer_source", "chat_template"):
+    for text in ("merge_method 'not_a_mergekit_method'", "tokenizer tokens", "chat_template"):
         assert text in message
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
+        ({"parameters": {"rescale": "yes"}}, "rescale 'yes' on dare_ties (true or false)"),
         (
-            {
-                "parameters": {"rescale": False},
-                "models": [
-                    {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
-                    {"model": "c", "parameters": {"weight": 1, "density": 0.3}},
-                ],
-            },
-            "rescale: false on dare_ties with a `density` or `lambda` that varies by layer or "
-            "between models",
-        ),
-        (
-            {"merge_method": "ties", "parameters": {"rescale": True, "density": 0.5}},
-            "rescale: True on ties",
-        ),
-        (
-            {"parameters": {"rescale": False, "density": [0.5, 0.7]}},
-            "rescale: false on dare_ties with a `density` or `lambda` that varies",
+            {"merge_method": "della", "parameters": {"density": 0.9}},
+            "density 0.9 with epsilon 0.15 of model a: keep probabilities density ± epsilon "
+            "reach [0.75, 1.05], outside (0, 1]",
         ),
         (
             {"models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "c"}]},
@@ -489,7 +493,7 @@ def test_nan_coefficients_in_a_mergekit_recipe_match_the_native_recipe(
             "base": str(family2.base),
             "models": [str(p) for p in family2.models],
             "method": "ties",
-            "parameters": {"density": 0.5, "scale": 1.0, "merge": "mean"},
+            "parameters": {"density": 0.5, "merge": "mean", "conventions": "mergekit"},
             "coefficients": "nan",
         }
     )

@@ -66,11 +66,11 @@ def test_ties_without_normalize_sums_the_agreeing_weighted_task_vectors(
         torch.testing.assert_close(out[name], expected)
 
 
-def test_dare_rescale_false_is_the_rescaled_merge_times_density(
+def test_dare_rescale_true_scales_the_kept_entries_to_the_task_vectors_l1_norm(
     tmp_path: Path, models: dict[str, dict[str, torch.Tensor]]
 ) -> None:
-    """Same seed, same masks: mergekit's unrescaled DARE keeps mask * tau, nanmerge's DARE
-    divides that by density, so the two task-vector sums differ by exactly density."""
+    """Same seed, same masks: rescale: false keeps mask * tau (times lambda); rescale: true
+    multiplies that by |tau|_1 / |mask * tau|_1, per tensor (mergekit's L1 rescale)."""
     outs = []
     for rescale in (True, False):
         data = {
@@ -81,10 +81,13 @@ def test_dare_rescale_false_is_the_rescaled_merge_times_density(
         }
         outs.append(merged(mergekit_run(tmp_path, data, out=f"out-{rescale}")))
     for name in SHAPES:
-        base = models["b"][name]
+        base, tau = models["b"][name], models["x"][name] - models["b"][name]
         rescaled, masked = outs[0][name] - base, outs[1][name] - base
         assert (masked != 0).any() and (masked == 0).any()  # some entries dropped, some kept
-        torch.testing.assert_close(masked, 0.5 * rescaled)
+        kept = masked != 0
+        torch.testing.assert_close(masked[kept], 0.9 * tau[kept])  # the mask alone
+        ratio = tau.abs().sum() / tau[kept].abs().sum()
+        torch.testing.assert_close(rescaled, masked * ratio)
 
 
 def test_rescale_changes_nothing_where_nothing_is_dropped() -> None:
@@ -149,8 +152,8 @@ def test_every_unsupported_part_is_listed_in_one_error() -> None:
         "merge_method": "ties",
         "base_model": "b",
         "models": [{"model": "x", "parameters": {"weight": 1.0, "density": 0.5}}],
-        "parameters": {"rescale": True},
-        "tokenizer_source": "union",
+        "parameters": {"rescale": [{"filter": "mlp", "value": True}]},
+        "modules": {"text_decoder": {}},
         "chat_template": "llama3",
         "dtype": "int8",
     }
@@ -158,5 +161,5 @@ def test_every_unsupported_part_is_listed_in_one_error() -> None:
         from_mergekit(data, where="r.yml")
     message = str(info.value)
     assert "4 feature(s)" in message
-    for part in ("rescale: True on ties", "tokenizer_source: union", "'llama3'", "dtype 'int8'"):
+    for part in ("list for `rescale`", "modules", "'llama3'", "dtype 'int8'"):
         assert part in message

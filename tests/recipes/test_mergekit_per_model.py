@@ -31,16 +31,18 @@ def test_differing_densities_and_gammas_become_each_models_own_values() -> None:
     ]
 
 
-def test_mergekits_smaller_outlier_drop_applies_model_by_model() -> None:
-    """mergekit drops 1 - density outliers where gamma + density > 1, per model."""
+def test_gamma_and_density_beyond_one_pass_as_given_to_mergekits_conventions() -> None:
+    """mergekit drops fewer outliers where gamma + density > 1, counting in its own integer
+    counts: the translated method does that (conventions: mergekit), from the values given."""
     recipe = from_mergekit(
         breadcrumbs(
             {"weight": 1.0, "density": 0.95, "gamma": 0.1},
             {"weight": 1.0, "density": 0.5, "gamma": 0.1},
         )
     )
-    gammas = [m["parameters"]["gamma"] for m in recipe["models"]]
-    assert gammas == [pytest.approx(0.05), 0.1]
+    assert recipe["parameters"]["gamma"] == 0.1
+    assert recipe["parameters"]["conventions"] == "mergekit"
+    assert [m["parameters"] for m in recipe["models"]] == [{"density": 0.95}, {"density": 0.5}]
 
 
 def test_a_per_model_filter_falls_back_to_the_global_value() -> None:

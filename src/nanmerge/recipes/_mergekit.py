@@ -3,7 +3,10 @@
 One pure function, `from_mergekit`, maps the methods both tools share onto nanmerge's
 methods with mergekit's own defaults made explicit (mergekit's density defaults to 1.0, its
 `lambda` to 1.0, `normalize` depends on the method), so a translated recipe computes what
-mergekit computes. Everything it cannot express is collected and reported in one error.
+mergekit computes. Its sparsifying methods run with `conventions: mergekit` (mergekit's keep
+counts, tie order, sign election and divisors) and its `rescale` flag (`l1` or `none`);
+nanmerge's own recipes keep nanmerge's conventions. Everything it cannot express is
+collected and reported in one error.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from nanmerge._schedule import varies
 from nanmerge._types import MergeError
 from nanmerge.recipes._mergekit_output import FIELDS, output_fields
 from nanmerge.recipes._mergekit_values import (
+    check_epsilon,
     falls_back,
-    fitted_gamma,
     model_path,
     numeric,
     parameters,
     scalar,
+    slice_sources,
     spread,
 )
 
@@ -40,41 +44,72 @@ class _Method:
     # base_model beyond task vectors: "listed" merges it only where `models` lists it;
     # "origin" (optional) and "required" skip its entry; "point" merges it as one more model
     base: str = "listed"
+    epsilon: bool = False  # DELLA's per-model epsilon
     knobs: tuple[str, ...] = ()  # mergekit parameters nanmerge takes under the same name
     weighted: bool = True  # takes mergekit's per-model `weight` (as coefficients)
+    # runs with `conventions: mergekit` (its keep counts, tie order, sign election, divisors)
+    conventions: bool = False
+    defaults: tuple[tuple[str, Any], ...] = ()  # mergekit's where nanmerge's default differs
 
 
-def _own(name: str, base: str, *knobs: str, weighted: bool = False) -> _Method:
+def _own(name: str, base: str, *knobs: str, weighted: bool = False, **more: Any) -> _Method:
     """A method with its own parameters, which nanmerge takes under mergekit's names."""
-    return _Method(name, False, None, None, base=base, knobs=knobs, weighted=weighted)
+    return _Method(name, False, None, None, base=base, knobs=knobs, weighted=weighted, **more)
+
+
+def _sparsified(
+    name: str,
+    normalize: bool,
+    rescale: bool,
+    *,
+    consensus: bool = False,
+    gamma: bool = False,
+    epsilon: bool = False,
+) -> _Method:
+    """A task-vector method that sparsifies (mergekit's defaults for normalize and rescale),
+    run with mergekit's conventions."""
+    return _Method(
+        name,
+        True,
+        normalize,
+        rescale,
+        consensus,
+        density=True,
+        gamma=gamma,
+        epsilon=epsilon,
+        conventions=True,
+    )
 
 
 SHARED: dict[str, _Method] = {
     "linear": _Method("weight_average", False, normalize=True, rescale=None),
     "task_arithmetic": _Method("task_arithmetic", True, normalize=False, rescale=False),
-    "ties": _Method("ties", True, normalize=True, rescale=False, consensus=True, density=True),
-    "dare_linear": _Method("dare_linear", True, normalize=False, rescale=True, density=True),
-    "dare_ties": _Method(
-        "dare_ties", True, normalize=False, rescale=True, consensus=True, density=True
-    ),
-    "breadcrumbs": _Method(
-        "breadcrumbs", True, normalize=False, rescale=False, density=True, gamma=True
+    "ties": _sparsified("ties", True, False, consensus=True),
+    "dare_linear": _sparsified("dare_linear", False, True),
+    "dare_ties": _sparsified("dare_ties", False, True, consensus=True),
+    "breadcrumbs": _sparsified("breadcrumbs", False, False, gamma=True),
+    "breadcrumbs_ties": _sparsified("breadcrumbs_ties", False, False, consensus=True, gamma=True),
+    "della": _sparsified("della", True, True, consensus=True, epsilon=True),
+    "della_linear": _sparsified("della_linear", False, True, epsilon=True),
+    "sce": _own(
+        "sce", "required", "select_topk", conventions=True, defaults=(("select_topk", 1.0),)
     ),
     "slerp": _Method("slerp", False, normalize=None, rescale=None),
     "passthrough": _Method("passthrough", False, normalize=None, rescale=None),
     "multislerp": _own("multislerp", "origin", "normalize_weights", "eps", weighted=True),
     "nuslerp": _own("nuslerp", "origin", "nuslerp_flatten", "nuslerp_row_wise", weighted=True),
     "karcher": _own("karcher", "point", "max_iter", "tol"),
-    "model_stock": _own("model_stock", "required", "filter_wise"),
+    # mergekit averages the pairs' cosines (nanmerge's `angle` may default otherwise)
+    "model_stock": _own(
+        "model_stock", "required", "filter_wise", defaults=(("angle", "mean_cosine"),)
+    ),
     "nearswap": _own("nearswap", "required", "t"),
     "arcee_fusion": _own("arcee_fusion", "required"),
 }
 UNSUPPORTED_FIELDS = {"modules": "modules (per-module sub-merges)"}
 _MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "slices", "parameters", *FIELDS}
 _OURS_REPLACED = {"base": "base_model", "method": "merge_method"}
-_NUMBERS = {"weight", "density", "gamma", "lambda", "t"}
-# nanmerge methods that divide kept entries by density, mergekit's `rescale` aside
-_DIVIDES_BY_DENSITY = {"dare_linear", "dare_ties"}
+_NUMBERS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "select_topk"}
 INT8_MASK_NOTE = (
     "int8_mask: mergekit keeps its sign masks as int8 to save memory; nanmerge's masks do "
     "not change its float32 math, so the setting changes nothing"
@@ -183,7 +218,9 @@ def _translate(
     tensor_params = {"weight"} if spec.weighted and merge_method != "slerp" else set()
     tensor_params |= {"density"} if spec.density else set()
     tensor_params |= {"gamma"} if spec.gamma else set()
+    tensor_params |= {"epsilon"} if spec.epsilon else set()
     knobs = {"int8_mask", "normalize", "rescale", "lambda"} if spec.task_vectors else set()
+    knobs |= {"int8_mask"} if spec.conventions else set()
     knobs |= {"normalize"} if merge_method == "linear" else set()
     knobs |= {"t"} if merge_method == "slerp" else set()
     knobs |= set(spec.knobs)
@@ -224,26 +261,32 @@ def _translate(
     if spec.density:
         densities = [falls_back(d, 1.0) for d in per_model("density")]  # mergekit's 1.0
         spread("density", densities, parameters, own)
-    if spec.gamma:
-        gammas = [
-            fitted_gamma(falls_back(g, 0.01), d)
-            for g, d in zip(per_model("gamma"), densities, strict=True)
-        ]
-        spread("gamma", gammas, parameters, own)
+    if spec.gamma:  # where gamma + density > 1, mergekit's conventions drop fewer outliers
+        spread("gamma", [falls_back(g, 0.01) for g in per_model("gamma")], parameters, own)
+    if spec.epsilon:
+        epsilons = [falls_back(e, 0.15) for e in per_model("epsilon")]  # mergekit's 0.15
+        for (path, _), epsilon, density in zip(entries, epsilons, densities, strict=True):
+            check_epsilon(epsilon, density, path, problems)
+        spread("epsilon", epsilons, parameters, own)
     if spec.task_vectors:
         parameters["scale"] = falls_back(glob.get("lambda"), 1.0)
     if merge_method == "slerp":
         if glob.get("t") is None:
             problems.append("slerp without a global `t` (mergekit requires it)")
         parameters["t"] = glob.get("t")
-    parameters |= {key: glob[key] for key in spec.knobs if key in glob}
+    parameters |= dict(spec.defaults) | {key: glob[key] for key in spec.knobs if key in glob}
     normalize = glob.get("normalize", spec.normalize)
-    if spec.rescale is not None and glob.get("rescale", spec.rescale) != spec.rescale:
-        _rescale(merge_method, spec, glob["rescale"], parameters, problems)
     if merge_method == "linear" and not normalize:
         parameters["normalize"] = False  # sum_i w_i theta_i, not divided by sum_i w_i
     if spec.consensus:
         parameters["merge"] = "mean" if normalize else "sum"
+    rescale = spec.rescale if glob.get("rescale") is None else glob["rescale"]
+    if spec.density and isinstance(rescale, bool):  # true: kept entries to tau's L1 norm
+        parameters["rescale"] = "l1" if rescale else "none"
+    elif spec.density and not varies(rescale):  # a gradient or filter list is reported above
+        problems.append(f"rescale {rescale!r} on {merge_method} (true or false)")
+    if spec.conventions:
+        parameters["conventions"] = "mergekit"
 
     weights = per_model("weight")
     given = [w for w in weights if w is not None]
@@ -289,61 +332,6 @@ def _translate(
     return {**recipe, "models": models}
 
 
-def _rescale(
-    merge_method: str, spec: _Method, rescale: Any, parameters: dict[str, Any], problems: list[str]
-) -> None:
-    """mergekit's `rescale` against its method's default, where nanmerge can follow it.
-
-    mergekit's rescale scales a sparsified task vector back to its L1 norm. Without a
-    sparsifier, or at density 1 (nothing dropped), it changes nothing. nanmerge's DARE
-    always divides the kept entries by density, so DARE's `rescale: false` (the mask alone)
-    is that result times density: scale * density.
-    """
-    density = parameters.get("density")
-    if not spec.density or density == 1:
-        return
-    if not rescale and spec.name in _DIVIDES_BY_DENSITY:
-        scale = parameters["scale"]
-        if isinstance(scale, int | float) and isinstance(density, int | float):
-            parameters["scale"] = scale * density
-            return
-        problems.append(
-            f"rescale: false on {merge_method} with a `density` or `lambda` that varies by "
-            "layer or between models (nanmerge folds it into one scale, lambda * density)"
-        )
-        return
-    problems.append(
-        f"rescale: {rescale} on {merge_method} (nanmerge's {spec.name} "
-        f"{'divides kept entries by density' if spec.rescale else 'does not rescale'})"
-    )
-
-
-def _slice_sources(
-    piece: Any, where: str, base: Any, problems: list[str]
-) -> list[tuple[Any, dict[str, Any], list[int]]]:
-    """A mergekit slice's sources as (path, parameters, layer range)."""
-    if not isinstance(piece, Mapping) or not isinstance(piece.get("sources"), list):
-        problems.append(f"{where} is not a mapping with a `sources` list")
-        return []
-    unknown = sorted(set(piece) - {"sources", "parameters"})
-    if unknown:
-        problems.append(f"{where} fields {', '.join(unknown)}")
-    sources = []
-    for j, src in enumerate(piece["sources"]):
-        span = src.get("layer_range") if isinstance(src, Mapping) else None
-        if not isinstance(span, list | tuple) or len(span) != 2 or "model" not in src:
-            problems.append(f"{where}.sources[{j}] is not {{model, layer_range: [first, end]}}")
-            continue
-        extra = sorted(set(src) - {"model", "layer_range", "parameters"})
-        if extra:
-            problems.append(f"{where}.sources[{j}] fields {', '.join(extra)}")
-        params = parameters(src.get("parameters"), f"parameters of {where}.sources[{j}]", problems)
-        what = f"of {where}.sources[{j}]"
-        scalars = {k: scalar(v, f"'{k}' {what}", problems) for k, v in params.items()}
-        sources.append((model_path(src["model"], base, problems), scalars, list(span)))
-    return sources
-
-
 def _slices(
     data: Mapping[str, Any],
     merge_method: str,
@@ -360,7 +348,7 @@ def _slices(
     slices = data["slices"] if isinstance(data["slices"], list) else []
     out = []
     for i, piece in enumerate(slices):
-        sources = _slice_sources(piece, f"slices[{i}]", base, problems)
+        sources = slice_sources(piece, f"slices[{i}]", base, problems)
         spans = {path: span for path, _, span in sources}
         if len(sources) < len(piece.get("sources", [])):
             continue  # a malformed source is reported; merging the rest would add follow-ons

@@ -1,5 +1,6 @@
 """Reading mergekit's values: numbers, gradients (bare lists) and `filter`/`value` lists as
-nanmerge's schedules and filter lists, `parameters` mappings and model references."""
+nanmerge's schedules and filter lists, `parameters` mappings, model references and slices'
+sources; and DELLA's epsilon checked against the density it widens."""
 
 from __future__ import annotations
 
@@ -73,6 +74,32 @@ def model_path(ref: Any, base: Any, problems: list[str]) -> Any:
     return ref
 
 
+def slice_sources(
+    piece: Any, where: str, base: Any, problems: list[str]
+) -> list[tuple[Any, dict[str, Any], list[int]]]:
+    """A mergekit slice's sources as (path, parameters, layer range)."""
+    if not isinstance(piece, Mapping) or not isinstance(piece.get("sources"), list):
+        problems.append(f"{where} is not a mapping with a `sources` list")
+        return []
+    unknown = sorted(set(piece) - {"sources", "parameters"})
+    if unknown:
+        problems.append(f"{where} fields {', '.join(unknown)}")
+    sources = []
+    for j, src in enumerate(piece["sources"]):
+        span = src.get("layer_range") if isinstance(src, Mapping) else None
+        if not isinstance(span, list | tuple) or len(span) != 2 or "model" not in src:
+            problems.append(f"{where}.sources[{j}] is not {{model, layer_range: [first, end]}}")
+            continue
+        extra = sorted(set(src) - {"model", "layer_range", "parameters"})
+        if extra:
+            problems.append(f"{where}.sources[{j}] fields {', '.join(extra)}")
+        params = parameters(src.get("parameters"), f"parameters of {where}.sources[{j}]", problems)
+        what = f"of {where}.sources[{j}]"
+        scalars = {k: scalar(v, f"'{k}' {what}", problems) for k, v in params.items()}
+        sources.append((model_path(src["model"], base, problems), scalars, list(span)))
+    return sources
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -96,9 +123,31 @@ def spread(
             model[name] = value
 
 
-def fitted_gamma(gamma: Any, density: Any) -> Any:
-    """breadcrumbs' gamma as mergekit applies it: where gamma + density > 1 it drops fewer
-    outliers (1 - density), for values that do not vary by layer."""
-    if is_number(gamma) and is_number(density) and gamma + density > 1:
-        return max(0.0, 1.0 - density)
-    return gamma
+def value_ranges(setting: Any) -> list[tuple[float, float]]:
+    """The lowest and highest value of each piece of a translated setting: a number, a
+    schedule (it interpolates between its points), each entry of a filter list that can match."""
+    if isinstance(setting, list):
+        ends = [i for i, entry in enumerate(setting) if entry.get("filter") is None]
+        reached = setting[: ends[0] + 1] if ends else setting  # the first catch-all ends it
+        return [span for entry in reached for span in value_ranges(entry.get("value"))]
+    if isinstance(setting, Mapping):
+        points = [float(v) for v in setting.get("schedule", []) if is_number(v)]
+        return [(min(points), max(points))] if points else []
+    return [(float(setting), float(setting))] if is_number(setting) else []
+
+
+def check_epsilon(epsilon: Any, density: Any, model: Any, problems: list[str]) -> None:
+    """DELLA's keep probabilities density ± epsilon must lie in (0, 1] wherever a model's
+    density is below 1 (at 1 both tools keep every entry and read no epsilon)."""
+    dropping = [span for span in value_ranges(density) if span[0] < 1]
+    widths = [max(abs(low), abs(high)) for low, high in value_ranges(epsilon)]
+    if not dropping or not widths:
+        return
+    low = min(span[0] for span in dropping) - max(widths)
+    high = max(span[1] for span in dropping) + max(widths)
+    if low <= 0 or high > 1 + 1e-9:
+        problems.append(
+            f"density {density!r} with epsilon {epsilon!r} of model {model}: keep probabilities "
+            f"density ± epsilon reach [{low:g}, {high:g}], outside (0, 1] (mergekit raises "
+            "on these too); lower epsilon or move density away from 0 and 1"
+        )
