@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from nanmerge import MergeError
 from nanmerge.recipes import from_mergekit
+from tests.engine.test_vocab import CORPUS_A, EMBED, bpe, model
 from tests.recipes._helpers import hf_model, merge_yaml, run
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -43,24 +48,44 @@ def folders(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("form", ["tokenizer_source", "tokenizer"])
-def test_tokenizer_source_model_copies_that_models_tokenizer(folders: Path, form: str) -> None:
-    source = str(folders / "y")
-    field = (
-        {"tokenizer_source": source}
-        if form == "tokenizer_source"
-        else {"tokenizer": {"source": source}}
-    )
-    out = run_ok(folders, ties(folders, **field))
-    assert tokenizer_of(out)["vocab"] == "y"
-    assert json.loads((out / "tokenizer.json").read_text()) == {"vocab": "y"}
-    notes = json.loads((out / "merge_report.json").read_text())["recipe"]["notes"]
-    assert any("tokenizer_source" in n and "re-align" in n for n in notes)
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"tokenizer_source": "union"}, {"source": "union"}),
+        ({"tokenizer_source": "base"}, {"source": "base"}),
+        ({"tokenizer_source": "org/y"}, {"source": "org/y"}),
+        ({"tokenizer": {}}, {"source": "union"}),  # mergekit's default source
+        (
+            {"tokenizer": {"source": "base", "pad_to_multiple_of": 64}},
+            {"source": "base", "pad_to_multiple_of": 64},
+        ),
+    ],
+)
+def test_tokenizer_source_becomes_nanmerges_tokenizer_field(
+    fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    data = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]}
+    assert from_mergekit({**data, **fields})["tokenizer"] == expected
+    assert "tokenizer" not in from_mergekit(data)  # no source: the base's files are copied
 
 
-def test_tokenizer_source_base_keeps_the_base_tokenizer(folders: Path) -> None:
-    out = run_ok(folders, ties(folders, tokenizer_source="base"))
-    assert tokenizer_of(out)["vocab"] == "base"
+def test_mergekit_union_recipe_writes_the_union_vocabulary(tmp_path: Path) -> None:
+    base = bpe(CORPUS_A, ["[UNK]", "<s>", "</s>"])
+    tuned = Tokenizer.from_str(base.to_str())
+    tuned.add_special_tokens(["<tool>"])
+    rows = {"b": model(tmp_path / "b", base, 0), "x": model(tmp_path / "x", tuned, 1)}
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tmp_path / "b"),
+        "models": [{"model": str(tmp_path / "x"), "parameters": {"weight": 1.0}}],
+        "tokenizer_source": "union",
+    }
+    out = run_ok(tmp_path, data)
+    tool = base.get_vocab_size()  # the first id after the base's
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<tool>") == tool
+    merged = load_file(out / "model.safetensors")[EMBED]
+    assert merged.shape[0] == tool + 1
+    torch.testing.assert_close(merged, rows["x"][EMBED])  # weight 1 on one model: the model
 
 
 def test_literal_chat_template_lands_in_tokenizer_config(folders: Path) -> None:
@@ -104,10 +129,8 @@ def test_chat_template_without_a_tokenizer_to_hold_it_fails_before_writing(
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
-        ({"tokenizer_source": "union"}, "tokenizer_source: union"),
-        ({"tokenizer": {"source": "union"}}, "tokenizer_source: union"),
         ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "x"}}}}, "tokenizer tokens"),
-        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 64}}, "pad_to_multiple_of"),
+        ({"tokenizer_source": 3}, "tokenizer source 3"),
         ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, "both `tokenizer_source`"),
         ({"chat_template": "alpaca"}, "chat_template 'alpaca'"),
         ({"chat_template": 3}, "chat_template 3"),

@@ -9,6 +9,7 @@ from nanmerge.config._model import (
     Recipe,
     Slice,
     SliceSource,
+    TokenizerSpec,
 )
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Recipe",
     "Slice",
     "SliceSource",
+    "TokenizerSpec",
     "load_recipe",
     "load_recipes",
 ]

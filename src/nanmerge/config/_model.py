@@ -211,6 +211,19 @@ class CoefficientSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TokenizerSpec(BaseModel):
+    """The output's vocabulary (mergekit's `tokenizer`): `base` (the base's, else the first
+    model's), `union` (every input's tokens) or a model folder / repo id; the embedding and
+    output-head rows of every input are re-aligned to it before the merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="base | union | a model folder or Hugging Face repo id")
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1, description="round the output's embedding rows up to a multiple of this"
+    )
+
+
 class Recipe(BaseModel):
     """A merge recipe. Field names are a public schema: add fields, never rename them."""
 
@@ -260,6 +273,11 @@ class Recipe(BaseModel):
         None,
         description="Jinja chat template set in the output's tokenizer_config.json; `auto`: "
         "the one most inputs' tokenizer_config.json carry",
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        None,
+        description="the output's vocabulary, {source: base | union | model, "
+        "pad_to_multiple_of}; embedding and output-head rows are re-aligned to it",
     )
     notes: list[str] = Field(
         default_factory=list,
@@ -357,6 +375,11 @@ class Recipe(BaseModel):
     @classmethod
     def _estimator_name(cls, value: Any) -> Any:
         return {"estimator": value} if isinstance(value, str) else value
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer_source(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lora_output(self) -> Recipe:

@@ -24,6 +24,7 @@ from nanmerge.engine._recipe import (
 )
 from nanmerge.engine._slices import Route, SliceLayout, slice_layout
 from nanmerge.engine._statistics import Statistics, open_statistics
+from nanmerge.engine._vocab import Vocab, plan_vocab
 from nanmerge.io import (
     NON_WEIGHT_FILES,
     Protected,
@@ -57,6 +58,7 @@ class Plan:
     merged: set[str]
     fill_from_base: dict[str, list[int]] = field(default_factory=dict)
     copy_files_from: Path | None = None  # the recipe's, else the first input folder
+    vocab: Vocab | None = None  # the recipe's `tokenizer`: embedding rows re-aligned at load
     statistics: Statistics | None = None
     protected: list[Protected] = field(default_factory=list)
     contexts: Mapping[str, TensorContext] = field(default_factory=dict)
@@ -218,7 +220,11 @@ def _display_names(models: list[Checkpoint]) -> tuple[str, ...]:
 
 
 def _layout(
-    recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint], problems: list[str]
+    recipe: Recipe,
+    base: Checkpoint | None,
+    models: list[Checkpoint],
+    problems: list[str],
+    vocab: Vocab | None = None,
 ) -> tuple[list[tuple[str, TensorMeta]], set[str], dict[str, list[int]]]:
     """Align names across inputs and check shapes and dtypes; decide each output tensor."""
     inputs = ([base] if base is not None else []) + models
@@ -241,6 +247,8 @@ def _layout(
                 continue
         present = [c for c in inputs if name in c]
         metas = [c.meta(name) for c in present]
+        if vocab is not None and name in vocab.names:  # compared as the stream will load them
+            metas = [vocab.meta(m) for m in metas]
         ref_meta = metas[0]
         shapes = {m.shape for m in metas}
         floating = {m.dtype.is_floating_point for m in metas}
@@ -345,11 +353,13 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
     if for_output and copy_from is not None:
         problems += escaping_side_files(copy_from, NON_WEIGHT_FILES)
     statistics = None
+    vocab = None
     try:
         if len(models) == len(maybe_models) and (recipe.base is None or base is not None):
             sliced = SliceLayout()
+            vocab = plan_vocab(recipe, base, models, copy_from, problems, for_output=for_output)
             if recipe.slices is None:
-                entries, merged, fill = _layout(recipe, base, models, problems)
+                entries, merged, fill = _layout(recipe, base, models, problems, vocab)
             else:
                 sliced = slice_layout(recipe, resolved, base, models, problems)
                 entries, merged, fill = sliced.entries, sliced.merged, {}
@@ -386,6 +396,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         entries=entries,
         merged=merged,
         fill_from_base=fill,
+        vocab=vocab,
         copy_files_from=copy_from,
         protected=protected,
         statistics=statistics,

@@ -12,11 +12,13 @@ from ._output import Protected, output_problems, protected_paths
 from ._readers import ShardedCheckpoint, StateDictCheckpoint, TorchFile, open_checkpoint
 from ._safetensors import SafetensorsFile
 from ._shard import ShardFile
+from ._tokenizer import TOKENIZER_FILES, Tokenizer, read_tokenizer, with_added_tokens
 from ._writer import ModelWriter, escaping_side_files, parse_size
 
 __all__ = [
     "KEPT_FOLDER",
     "NON_WEIGHT_FILES",
+    "TOKENIZER_FILES",
     "CheckpointReader",
     "HubRepo",
     "KeptWriter",
@@ -28,6 +30,7 @@ __all__ = [
     "ShardFile",
     "ShardedCheckpoint",
     "StateDictCheckpoint",
+    "Tokenizer",
     "TorchFile",
     "escaping_side_files",
     "format_inspection",
@@ -42,4 +45,6 @@ __all__ = [
     "parse_repo_id",
     "parse_size",
     "protected_paths",
+    "read_tokenizer",
+    "with_added_tokens",
 ]

@@ -9,23 +9,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from nanmerge._types import TensorMeta
+from nanmerge.io._tokenizer import TOKENIZER_FILES
 
 # Files a Hugging Face model folder needs besides its weights.
 NON_WEIGHT_FILES: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
+    *TOKENIZER_FILES,
     "preprocessor_config.json",
-    "sentencepiece.bpe.model",
-    "spiece.model",
 )
 
 

@@ -4,7 +4,8 @@ chat template and output folder, as nanmerge fields plus notes on what differs.
 mergekit's meanings (mergekit `config.py`, `merge.py`, `tokenizer/config.py`, 0.1.5):
 `dtype` is the dtype it computes in and `out_dtype` the one it writes (default `dtype`);
 `tokenizer_source` (or `tokenizer: {source}`) names whose tokenizer the output gets: `base`,
-a model, or `union` (a merged vocabulary, with embedding rows re-aligned); `chat_template` is
+a model, or `union` (a merged vocabulary), with the embedding and output-head rows
+re-aligned to it; without either, the base's tokenizer is copied; `chat_template` is
 `auto`, a named template of its own, or the Jinja text itself.
 """
 
@@ -33,6 +34,7 @@ CHAT_TEMPLATES = {
     ),
 }
 FIELDS = {"dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "out_path"}
+SPEC = {"source", "pad_to_multiple_of"}  # mergekit's `tokenizer:` keys nanmerge reads
 
 
 def _dtype(data: Mapping[str, Any], problems: list[str], notes: list[str]) -> dict[str, Any]:
@@ -56,42 +58,38 @@ def _dtype(data: Mapping[str, Any], problems: list[str], notes: list[str]) -> di
     return {} if written is None else {"dtype": written}
 
 
-def _tokenizer(
-    data: Mapping[str, Any], base: Any, problems: list[str], notes: list[str]
-) -> dict[str, Any]:
+def _tokenizer(data: Mapping[str, Any], base: Any, problems: list[str]) -> dict[str, Any]:
+    """mergekit's `tokenizer_source` / `tokenizer: {source, pad_to_multiple_of}` as nanmerge's
+    `tokenizer` (the same union, row map and fill rule: engine/_vocab.py). Without either,
+    both tools copy the base's tokenizer and keep the rows as they are."""
     source = data.get("tokenizer_source")
     config = data.get("tokenizer")
+    pad = None
     if config is not None:
         if source is not None:
             problems.append("both `tokenizer_source` and `tokenizer` (mergekit takes one)")
         if not isinstance(config, Mapping):
             problems.append(f"tokenizer {config!r} (mergekit's form is {{source: ...}})")
             return {}
-        extra = sorted(k for k, v in config.items() if k != "source" and v is not None)
+        extra = sorted(k for k, v in config.items() if k not in SPEC and v is not None)
         if extra:
             problems.append(
-                f"tokenizer {', '.join(extra)} (added or re-padded embedding rows; nanmerge "
-                "copies a tokenizer but writes no new embedding rows)"
+                f"tokenizer {', '.join(extra)} (per-token embedding sources; nanmerge fills "
+                "the rows of tokens an input lacks by mergekit's default rule only)"
             )
-        source = config.get("source")
-    if source is None or source == "base":
-        return {}  # the base's tokenizer (or the first model's) is what nanmerge copies
-    if source == "union":
-        problems.append(
-            "tokenizer_source: union (a merged vocabulary with embedding rows re-aligned to "
-            "it); nanmerge copies one model's tokenizer: use `base` or a model"
-        )
+        source = config.get("source", "union")  # mergekit's default for a `tokenizer:` block
+        pad = config.get("pad_to_multiple_of")
+    if source is None:
         return {}
     if not isinstance(source, str):
         problems.append(f"tokenizer source {source!r} (base, union or a model path)")
         return {}
-    folder = model_path(source, base, problems)
-    notes.append(
-        f"tokenizer_source {source}: its tokenizer and config files are copied (mergekit "
-        "takes config.json from base_model); its vocabulary must be the inputs' own, as "
-        "nanmerge does not re-align embedding rows"
-    )
-    return {"copy_files_from": folder}
+    if source not in ("base", "union"):
+        source = model_path(source, base, problems)
+    spec: dict[str, Any] = {"source": source}
+    if pad is not None:
+        spec["pad_to_multiple_of"] = pad
+    return {"tokenizer": spec}
 
 
 def _chat_template(value: Any, problems: list[str]) -> dict[str, Any]:
@@ -116,7 +114,7 @@ def output_fields(
 ) -> dict[str, Any]:
     """The nanmerge fields for mergekit's output settings; what differs goes to `notes`."""
     fields = _dtype(data, problems, notes)
-    fields |= _tokenizer(data, base, problems, notes)
+    fields |= _tokenizer(data, base, problems)
     fields |= _chat_template(data.get("chat_template"), problems)
     out_path = data.get("out_path")
     if out_path is not None:
