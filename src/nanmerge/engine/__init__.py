@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 from nanmerge.engine._recipe import check_recipe
 
 if TYPE_CHECKING:
+    from nanmerge.engine._memory import memory_bound
     from nanmerge.engine._plan import Plan, plan
-    from nanmerge.engine._run import estimate_coefficients, memory_bound, merge
+    from nanmerge.engine._run import estimate_coefficients, merge
 
 # What computes loads torch, so it is imported on first use (PEP 562): `check_recipe`
 # answers a misspelt recipe without it.
@@ -17,7 +18,7 @@ _LAZY = {
     "Plan": "nanmerge.engine._plan",
     "plan": "nanmerge.engine._plan",
     "estimate_coefficients": "nanmerge.engine._run",
-    "memory_bound": "nanmerge.engine._run",
+    "memory_bound": "nanmerge.engine._memory",
     "merge": "nanmerge.engine._run",
 }
 

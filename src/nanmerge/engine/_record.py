@@ -102,10 +102,11 @@ class Recorder:
         self.notes: dict[str, dict[str, Note]] = {}
         self.discarded = 0
 
-    def start(self, spec: MethodSpec, name: str) -> TensorRecord | None:
+    def start(self, spec: MethodSpec, name: str, chunked: bool) -> TensorRecord | None:
+        """The record of tensor `name`, merged by `spec` chunk by chunk when `chunked`."""
         if not spec.uses_record:
             return None
-        return TensorRecord(spec.name, name, chunked=spec.elementwise)
+        return TensorRecord(spec.name, name, chunked=chunked)
 
     def finish(self, record: TensorRecord) -> None:
         if record.notes:

@@ -27,13 +27,21 @@ from nanmerge.engine._chat_template import chat_template_files
 from nanmerge.engine._copied import copied_tensor_warning
 from nanmerge.engine._layered import with_multipliers
 from nanmerge.engine._lines import lines_overrides
+from nanmerge.engine._memory import memory_bound
 from nanmerge.engine._plan import Plan, plan, same_file_pairs
 from nanmerge.engine._ray import merge_on_ray, ray_session
 from nanmerge.engine._recipe import check_ray
 from nanmerge.engine._record import KeptFiles, Recorder, discarded_warning
 from nanmerge.engine._slices import layer_count_config
-from nanmerge.engine._stream import CHUNK, Collected, collect_pass, merge_stream
-from nanmerge.io import NON_WEIGHT_FILES, LoraWriter, ModelWriter, parse_repo_id, parse_size
+from nanmerge.engine._stream import Collected, collect_pass, merge_stream
+from nanmerge.io import (
+    NON_WEIGHT_FILES,
+    TOKENIZER_FILES,
+    LoraWriter,
+    ModelWriter,
+    parse_repo_id,
+    parse_size,
+)
 
 RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
 _MAX_WARNINGS = 12
@@ -94,47 +102,6 @@ def estimate_coefficients(recipe: RecipeLike, *, progress: bool = False) -> Coef
         return _finish(p, with_multipliers(coefficients, p.layered), norms)
     finally:
         p.close()
-
-
-def memory_bound(p: Plan) -> dict[str, Any]:
-    """Upper estimate of the merge's working set above the interpreter, stated in the report.
-
-    The method states its working set for one tensor (`MethodSpec.memory`) in units of L, the
-    largest tensor in float32 bytes, and C, one float32 chunk; the read buffers kept for
-    reuse, `threads + 1` sets of M + 1, fit that allowance. Each loader thread may hold one
-    more such working set; with threads > 0 the writer thread also holds up to two merged
-    tensors (2 L at most), within that allowance. Per-tensor statistics (RegMean's Grams)
-    are held on the merging thread only. The writer buffers no shard: each tensor goes to
-    disk as it is merged. Measured growth: docs/PERFORMANCE.md.
-    """
-    cost, m = p.method.memory, len(p.models)
-    largest_name, largest = max(p.entries, key=lambda e: e[1].numel)
-    unit = largest.numel * 4
-    chunks = cost.chunks(m)
-    per_thread = cost.tensors(m) * unit + chunks * 4 * min(CHUNK, largest.numel)
-    formula = f"(threads + 1) * ({cost.formula})"
-    extra = statistics_bound(p)
-    if extra:
-        formula += f" + {cost.statistics_formula}"
-    return {
-        "bound_bytes": (p.recipe.threads + 1) * per_thread + extra,
-        "formula": formula
-        + "; L = largest tensor in float32 bytes"
-        + (f", C = {4 * CHUNK} bytes (a float32 chunk)" if chunks else ""),
-        "largest_tensor": largest_name,
-        "largest_tensor_float32_bytes": unit,
-        "models": m,
-        "threads": p.recipe.threads,
-    }
-
-
-def statistics_bound(p: Plan) -> int:
-    """Bytes the method's per-tensor statistics add, for the widest one (d inputs)."""
-    s, cost = p.statistics, p.method.memory.statistics
-    if s is None or cost is None or not s.names:
-        return 0
-    d = max(s.shapes[n][-1] if len(s.shapes[n]) == 2 else 1 for n in s.names)
-    return cost(len(p.models), d)
 
 
 def _versions() -> dict[str, str]:
@@ -296,7 +263,9 @@ def _write(
     template = (
         {}
         if r.chat_template is None
-        else chat_template_files(r.chat_template, p.copy_files_from, inputs)
+        else chat_template_files(
+            r.chat_template, p.copy_files_from if p.vocab is None else p.vocab.folder, inputs
+        )
     )
     metadata = {"merged_with": f"nanmerge {__version__}", "method": p.method.name}
     writer = (
@@ -325,6 +294,8 @@ def _write(
         start = time.perf_counter()
         recorder = Recorder(kept.write)
         extra: dict[str, Any] = {"collect_pass": collected.ran, "lines": collected.lines}
+        if p.vocab is not None:
+            extra["tokenizer"] = p.vocab.summary
         if r.ray:  # the same shards, each merged and written by a Ray task
             parts = writer.parts()
             norms, recorder.notes = merge_on_ray(
@@ -357,10 +328,15 @@ def _write(
         if isinstance(writer, LoraWriter):
             report["output"]["lora"] = writer.summary()
         if p.copy_files_from is not None:
-            writer.copy_files(p.copy_files_from, NON_WEIGHT_FILES)
+            own = () if p.vocab is None else TOKENIZER_FILES  # from the vocabulary's folder
+            writer.copy_files(p.copy_files_from, [n for n in NON_WEIGHT_FILES if n not in own])
             config = p.num_layers and layer_count_config(p.copy_files_from, p.source_layers)
             if config:
                 writer.add_file("config.json", config)
+        if p.vocab is not None:
+            writer.copy_files(p.vocab.folder, TOKENIZER_FILES)
+            for name, text in p.vocab.files.items():  # union tokenizer.json, config vocab_size
+                writer.add_file(name, text)
         for name, text in template.items():
             writer.add_file(name, text)
         writer.add_file("merge_report.json", json.dumps(report, indent=2))

@@ -124,6 +124,17 @@ def checked_norms(
     return st if route is None else route.per_model(st, len(plan.models))
 
 
+def chunked(plan: Plan, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether output tensor `name` (of `shape`) is merged chunk by chunk: its method is
+    elementwise, or elementwise on this tensor (`MethodSpec.elementwise_on`: what the
+    subspace methods average)."""
+    spec = plan.method_of(name)
+    if spec.elementwise_on is None:
+        return spec.elementwise
+    params = {**plan.params_of(name), **plan.layered.params.get(name, {})}
+    return spec.merges_in_chunks(params, plan.contexts[name], shape)
+
+
 def merge_tensor(
     plan: Plan,
     item: Loaded,
@@ -133,8 +144,8 @@ def merge_tensor(
     norms: list[TensorNorms] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor in float32 and cast it to `dtype`: chunk by chunk when the method is
-    elementwise (after its `prepare` step over the whole tensor), else over the whole
-    (M, *shape) stack.
+    elementwise, on every tensor or on this one (`chunked`; after its `prepare` step over
+    the whole tensor), else over the whole (M, *shape) stack.
 
     `inputs` are the method's per-tensor keyword inputs (generator, statistics). A chunked
     merge appends each chunk's norms to `norms` when given: one pass over the inputs
@@ -143,7 +154,7 @@ def merge_tensor(
     assert item.models is not None
     spec, params = plan.method_of(item.name), {**plan.params_of(item.name), **inputs}
     shape, device = item.models[0].shape, item.models[0].device
-    if spec.elementwise:
+    if chunked(plan, item.name, tuple(shape)):
         if spec.prepare is not None:
             params |= spec.prepare(item.models, item.base, **params)
         out = torch.empty(shape, dtype=dtype, device=device)
@@ -221,6 +232,8 @@ def load(plan: Plan, name: str, buffers: ReadBuffers | None, index: int) -> Load
         base if i in lacking and base is not None else read(model, i + 1, source)
         for i, (model, source) in enumerate(sources)
     ]
+    if plan.vocab is not None and name in plan.vocab.names:  # rows in the output's token order
+        base, models = plan.vocab.align(base, models, lacking)
     return Loaded(name, models, base, None)
 
 
@@ -357,7 +370,7 @@ def merge_stream(
         inputs |= dict(overrides.get(item.name, {}))
         dtype, device = out_meta[item.name].dtype, item.models[0].device
         # with the coefficients known before the merge, the norms come from its own pass
-        fused = plan.method_of(item.name).elementwise and not per_tensor
+        fused = chunked(plan, item.name, out_meta[item.name].shape) and not per_tensor
         if not fused:
             st = norms[item.name] = checked_norms(plan, item)
             if per_tensor:
@@ -379,7 +392,8 @@ def merge_stream(
     with writer as write, closing(loaded):
         for name in names:
             spec = plan.method_of(name)
-            record = None if recorder is None else recorder.start(spec, name)
+            in_chunks = chunked(plan, name, out_meta[name].shape)
+            record = None if recorder is None else recorder.start(spec, name, in_chunks)
             # no name holds the inputs: they are freed before the result waits for the writer
             write(name, merge_one(next(loaded), record))
             if record is not None and recorder is not None:

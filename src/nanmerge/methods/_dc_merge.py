@@ -8,6 +8,7 @@ from nanmerge._types import Record, TensorContext
 from nanmerge.methods._registry import Density, Scale, register
 from nanmerge.methods._subspace import (
     SvdMode,
+    averaged,
     orthonormal,
     stacked,
     subspace_merge,
@@ -66,6 +67,7 @@ def _dc_matrix(
     reference="https://github.com/Tobeginwith/DC-Merge",
     needs_base=True,
     needs_matrices=True,
+    elementwise_on=averaged,
 )
 def dc_merge(
     tensors: torch.Tensor,

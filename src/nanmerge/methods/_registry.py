@@ -16,7 +16,7 @@ from types import MappingProxyType, UnionType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, cast, get_args, get_origin
 
 from nanmerge._params import Finite, Interval, Signature, Validator, did_you_mean
-from nanmerge._types import Collect, MemoryCost, MergeError, Rebuild
+from nanmerge._types import Collect, MemoryCost, MergeError, Rebuild, TensorContext
 from nanmerge.methods._statistic_kinds import STATISTICS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
@@ -47,6 +47,8 @@ Floor = Annotated[float, Interval(ge=0, lt=math.inf)]  # a finite eps added to a
 # base and one raw read buffer, plus the method's workspace (at most 6M + 2).
 ELEMENTWISE = MemoryCost(lambda m: m + 4, lambda m: 6 * m + 4, "(M + 4) * L + (6M + 4) * C")
 WHOLE_STACK = MemoryCost(lambda m: 7 * m + 4, lambda m: 0, "(7M + 4) * L")
+# `MethodSpec.elementwise_on`: (parameters, context, shape) -> elementwise on that tensor
+ElementwiseOn = Callable[[Mapping[str, Any], TensorContext, tuple[int, ...]], bool]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class MethodSpec:
     # that make the method elementwise, and the method then takes each chunk's `offset`.
     elementwise: bool = False
     prepare: Callable[..., dict[str, Any]] | None = None
+    # A whole-stack method that is elementwise on some tensors only (the subspace methods
+    # average every tensor they do not SVD): given the parameters (over the defaults), a
+    # tensor's context and shape, whether the function is elementwise there; the engine then
+    # merges that tensor chunk by chunk (`merges_in_chunks`), at the elementwise working set.
+    elementwise_on: ElementwiseOn | None = None
     # A method that declares a `context` keyword receives each tensor's TensorContext (so
     # does its `prepare`); one with `collect` receives the whole model's total as `collected`.
     # `collect` may depend on the parameters: a function of them returning one, or None.
@@ -95,6 +102,15 @@ class MethodSpec:
     # M values for them (annotated `X | tuple[float, ...]`; each value checked as an X).
     per_model: tuple[str, ...] = ()
 
+    def merges_in_chunks(
+        self, params: Mapping[str, Any], context: TensorContext, shape: tuple[int, ...]
+    ) -> bool:
+        """Whether a tensor of this context and shape is merged chunk by chunk: the method is
+        elementwise, or elementwise on this tensor with these parameters."""
+        if self.elementwise or self.elementwise_on is None:
+            return self.elementwise
+        return self.elementwise_on({**self.params, **params}, context, shape)
+
     def collect_for(self, params: Mapping[str, Any]) -> Collect[Any] | None:
         """The whole-model statistic the method gathers with these parameters (over its
         defaults), or None when it needs none."""
@@ -115,6 +131,7 @@ def register(
     max_models: int | None = None,
     elementwise: bool = False,
     prepare: Callable[..., dict[str, Any]] | None = None,
+    elementwise_on: ElementwiseOn | None = None,
     validate: Validator | None = None,
     validate_count: Callable[[Mapping[str, Any], int], list[str]] | None = None,
     collect: Collect[Any] | Callable[[Mapping[str, Any]], Collect[Any] | None] | None = None,
@@ -134,6 +151,8 @@ def register(
     before the merge and hands over as `collected` (a function of the parameters when only
     some of them need it: see `MethodSpec.collect_for`); `memory` states the working set where
     it differs from the engine's for chunked (elementwise) or whole-stack methods.
+    `elementwise_on(params, context, shape)` marks the tensors on which a whole-stack method
+    is elementwise: those are merged chunk by chunk (`MethodSpec.merges_in_chunks`).
     `validate_count(params, models)` ties parameters to the number of models; the recipe
     checks run it before any input is opened.
     """
@@ -172,6 +191,7 @@ def register(
             statistics=tuple(n for n in signature.parameters if n in STATISTICS),
             elementwise=elementwise,
             prepare=prepare,
+            elementwise_on=elementwise_on,
             uses_context="context" in signature.parameters,
             uses_record="record" in signature.parameters,
             collect=collect,

@@ -16,8 +16,8 @@ SVD), which turns several tasks' singular vectors into one orthonormal basis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from nanmerge._types import Record, TensorContext
 from nanmerge.methods._registry import Fraction, Scale, register
@@ -126,6 +126,15 @@ def stacked(parts: Sequence[Factors]) -> Factors:
     )
 
 
+def averaged(params: Mapping[str, Any], context: TensorContext, shape: tuple[int, ...]) -> bool:
+    """Whether `subspace_merge` averages a tensor whatever the method: it is not a matrix, or
+    a vocabulary-sized one left out (`include_vocab` false). The mean is elementwise, so the
+    registry's `elementwise_on` lets the engine merge these tensors chunk by chunk (on a
+    chunk, a (M, c) stack, `subspace_merge` takes the mean): the float32 stacks of a large
+    vocabulary's embedding and head are never made."""
+    return len(shape) != 2 or (context.role in VOCAB_ROLES and not params["include_vocab"])
+
+
 def subspace_merge(
     tensors: torch.Tensor,
     coef: torch.Tensor,
@@ -175,6 +184,7 @@ def _tsv_matrix(task_vectors: torch.Tensor, svd: SvdMode) -> tuple[torch.Tensor,
     reference="https://arxiv.org/abs/2412.00081",
     needs_base=True,
     needs_matrices=True,
+    elementwise_on=averaged,
 )
 def tsv(
     tensors: torch.Tensor,
@@ -225,6 +235,7 @@ def _iso_c_matrix(task_vectors: torch.Tensor) -> tuple[torch.Tensor, float | Non
     reference="https://arxiv.org/abs/2502.04959",
     needs_base=True,
     needs_matrices=True,
+    elementwise_on=averaged,
 )
 def iso_c(
     tensors: torch.Tensor,
@@ -295,6 +306,7 @@ def _iso_cts_matrix(
     reference="https://arxiv.org/abs/2502.04959",
     needs_base=True,
     needs_matrices=True,
+    elementwise_on=averaged,
 )
 def iso_cts(
     tensors: torch.Tensor,
