@@ -19,7 +19,7 @@ import numpy as np
 from nanmerge._params import Interval
 from nanmerge.methods._bands import Conventions, Rescale, l1_ratio
 from nanmerge.methods._registry import Density, Scale, register
-from nanmerge.methods._sparsify import PerModel, of_model, uniform_draws
+from nanmerge.methods._sparsify import PerModel, of_model, or_global, uniform_draws
 from nanmerge.methods._steps import Merge, Steps, elect_signs, weighted_sum
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
 
 # Half the width of the window of keep probabilities around density (the paper's window / 2)
 Epsilon = Annotated[float, Interval(ge=0, lt=1)]
+# Entries whose ranks are found at once (a block of rows): the sort's workspace is 16 bytes each
+RANK_BLOCK = 1 << 22
 
 
 def rank_probabilities(
@@ -44,13 +46,23 @@ def rank_probabilities(
     rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
     if conventions == "nanmerge":
         rows = rows.reshape(rows.shape[0], -1)
-    magnitudes = rows.abs()
-    stable = conventions == "nanmerge"
-    order = torch.argsort(magnitudes, dim=1, descending=False, stable=stable)
-    ranks = order.argsort(dim=1).to(torch.float32)
     span = rows.shape[1] - 1
-    fraction = ranks / span if span > 0 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + fraction * 2 * epsilon).reshape(tau.shape)
+    if span == 0:
+        return torch.full(tau.shape, density, dtype=torch.float32, device=tau.device)
+    stable = conventions == "nanmerge"
+    # each rank scattered to its entry (the inverse of the sort's permutation)
+    shape = [1] * rows.dim()
+    shape[1] = rows.shape[1]
+    counting = torch.arange(rows.shape[1], dtype=torch.float32, device=tau.device).view(shape)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=tau.device)
+    # rows rank alone: a block of them at a time bounds the sort's int64 workspace
+    step = max(1, RANK_BLOCK // max(1, rows[0].numel()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].abs()
+        order = torch.argsort(block, dim=1, descending=False, stable=stable)
+        ranks[start : start + step].scatter_(1, order, counting.expand(order.shape))
+    fraction = ranks.div_(span)
+    return fraction.mul_(2 * epsilon).add_(density - epsilon).reshape(tau.shape)
 
 
 def magprune(
@@ -72,15 +84,18 @@ def magprune(
     import torch
 
     m = task_vectors.shape[0]
-    draws = uniform_draws(m, task_vectors[0].numel(), generator).to(task_vectors.device)
+    generator = or_global(generator)
     scales = [1.0] * m
     for i, tau in enumerate(task_vectors):
         d, e = of_model(density, i), of_model(epsilon, i)
+        # model i's draws follow model i - 1's, drawn even where unused: one model's draws
+        # at a time, and the same ones whichever models keep everything
+        draws = uniform_draws(1, tau.numel(), generator).to(task_vectors.device)
         if d >= 1:
             continue
         p = rank_probabilities(tau, density=d, epsilon=e, conventions=conventions)
         below = p.mul_(65536).round_().clamp_(min=1)  # kept where the draw is below
-        kept = torch.lt(draws[i].view(tau.shape), below).to(tau.dtype)
+        kept = torch.lt(draws.view(tau.shape), below).to(tau.dtype)
         if rescale == "l1":
             before = tau.abs().sum()
             scales[i] = l1_ratio(before, tau.mul_(kept).abs().sum())
