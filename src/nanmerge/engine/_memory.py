@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from nanmerge.engine._plan import Plan
-from nanmerge.engine._stream import CHUNK, chunked
+from nanmerge.engine._stream import CHUNK
 from nanmerge.methods._registry import ELEMENTWISE
 
 
@@ -51,7 +51,7 @@ def _mixed_bound(p: Plan) -> dict[str, Any]:
     m, whole, chunks = len(p.models), p.method.memory, ELEMENTWISE
     largest: dict[bool, tuple[str, int]] = {True: ("", 0), False: ("", 0)}
     for name, meta in p.entries:
-        in_chunks = chunked(p, name, meta.shape)
+        in_chunks = p.chunked(name, meta.shape)
         if meta.numel > largest[in_chunks][1]:
             largest[in_chunks] = (name, meta.numel)
     (l_name, l_numel), (v_name, v_numel) = largest[False], largest[True]

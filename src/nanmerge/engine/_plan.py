@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,13 @@ from nanmerge._types import Checkpoint, MergeError, TensorContext, TensorMeta
 from nanmerge.coefficients import EstimatorSpec
 from nanmerge.config import Recipe
 from nanmerge.engine._context import config_layers, lines_problems, tensor_contexts
+from nanmerge.engine._inputs import (
+    display_names,
+    inputs_on_disk,
+    open_inputs,
+    repeated_inputs,
+    side_file_folder,
+)
 from nanmerge.engine._layered import LayerValues, layer_values, param_values
 from nanmerge.engine._recipe import (
     check_shard_size,
@@ -28,18 +34,14 @@ from nanmerge.engine._vocab import Vocab, plan_vocab
 from nanmerge.io import (
     NON_WEIGHT_FILES,
     Protected,
-    StateDictCheckpoint,
     escaping_side_files,
     model_folder,
-    open_model,
     output_problems,
-    protected_paths,
 )
 from nanmerge.methods import MethodSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_LISTED = 8
-IN_MEMORY_BASE = "<in-memory base>"
 
 
 @dataclass
@@ -102,6 +104,16 @@ class Plan:
         """Whether the method averages, w_i = coef_i / sum(coef) (README, "Coefficients")."""
         return self.method.averages(self.params)
 
+    def chunked(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether output tensor `name` (of `shape`) is merged chunk by chunk: its method is
+        elementwise, or elementwise on this tensor (`MethodSpec.elementwise_on`: what the
+        subspace methods average)."""
+        spec = self.method_of(name)
+        if spec.elementwise_on is None:
+            return spec.elementwise
+        params = {**self.params_of(name), **self.layered.params.get(name, {})}
+        return spec.merges_in_chunks(params, self.contexts[name], shape)
+
     @property
     def layout_input(self) -> Checkpoint:
         """The input whose layout the output follows: the base, else the first model."""
@@ -113,110 +125,6 @@ class Plan:
                 ckpt.close()
         if self.statistics is not None:
             self.statistics.close()
-
-
-def _side_file_folder(checkpoints: list[Checkpoint]) -> Path | None:
-    """Where the output's config and tokenizer come from by default: the first input folder,
-    the base's when it has one."""
-    for ckpt in checkpoints:
-        folder = getattr(ckpt, "folder", None)
-        if folder is not None:
-            return Path(folder)
-    return None
-
-
-def _inputs_on_disk(
-    recipe: Recipe,
-    base: Checkpoint | None,
-    models: list[Checkpoint | None],
-    copy_from: Path | None,
-) -> list[Protected]:
-    """Every local path the merge reads (hub snapshots included), for the output to avoid."""
-    labels = ["base", *(f"models[{i}]" for i in range(len(recipe.models)))]
-    pairs: list[tuple[str, object]] = [
-        *zip(labels, [recipe.base, *(m.path for m in recipe.models)], strict=True),
-        *(
-            (label, getattr(c, "folder", None))
-            for label, c in zip(labels, [base, *models], strict=True)
-        ),
-        *((f"statistics[{i}]", s) for i, s in enumerate(recipe.statistics or [])),
-        ("copy_files_from", copy_from),
-    ]
-    return protected_paths(pairs)
-
-
-def _open_inputs(
-    recipe: Recipe, problems: list[str]
-) -> tuple[Checkpoint | None, list[Checkpoint | None]]:
-    def attempt(source: Any, name: str, base: Checkpoint | None = None) -> Checkpoint | None:
-        try:
-            if not isinstance(source, str):  # the recipe admits only a state dict or a module
-                tensors = source if isinstance(source, Mapping) else source.state_dict()
-                return StateDictCheckpoint(tensors, name)
-            # a LoRA adapter among the models is read over the base
-            return open_model(source, base=base, allow_downloads=recipe.allow_downloads)
-        except MergeError as exc:
-            problems.append(str(exc))
-            return None
-
-    base = None if recipe.base is None else attempt(recipe.base, IN_MEMORY_BASE)
-    return base, [attempt(m.path, f"<in-memory #{i}>", base) for i, m in enumerate(recipe.models)]
-
-
-def _identity(source: Any, ckpt: Checkpoint) -> object:
-    """What makes two inputs one model: the object for in-memory ones, else the file or folder
-    read (device and inode, so relative paths, symlinks and hard links agree), else the name
-    (a Hugging Face repo id)."""
-    if not isinstance(source, str):
-        return id(source)
-    try:
-        st = os.stat(ckpt.source)
-    except OSError:
-        return ckpt.source
-    return (st.st_dev, st.st_ino)
-
-
-def same_file_pairs(recipe: Recipe, models: list[Checkpoint]) -> set[tuple[int, int]]:
-    """Pairs (i, j), i < j, of models that are one file or object (already warned about)."""
-    keys = [_identity(e.path, c) for e, c in zip(recipe.models, models, strict=True)]
-    return {(i, j) for j, kj in enumerate(keys) for i, ki in enumerate(keys[:j]) if ki == kj}
-
-
-def _repeated_inputs(
-    recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint]
-) -> list[str]:
-    """Warnings for a model listed twice, or listed next to itself as the base.
-
-    Only the same file (or object) counts. Equal content under two files is not looked for:
-    telling copies apart soundly needs every byte of both, a whole extra read per pair, and
-    a model equal to the base shows anyway as a zero task-vector norm.
-    """
-    seen: dict[object, str] = {}
-    if base is not None:
-        seen[_identity(recipe.base, base)] = "the base"
-    warnings = []
-    for i, (entry, ckpt) in enumerate(zip(recipe.models, models, strict=True)):
-        key = _identity(entry.path, ckpt)
-        if key not in seen:
-            seen[key] = f"models[{i}]"
-        elif seen[key] == "the base":
-            warnings.append(
-                f"models[{i}] ({ckpt.source}) is the base model itself: its task vector is "
-                "zero, so task-vector methods gain nothing from it and averages are pulled "
-                "toward the base; remove it unless that is what you want"
-            )
-        else:
-            warnings.append(
-                f"models[{i}] ({ckpt.source}) is the same model as {seen[key]}: it is merged "
-                "twice, with twice its weight; list it once (with coefficients: manual to "
-                "weight it)"
-            )
-    return warnings
-
-
-def _display_names(models: list[Checkpoint]) -> tuple[str, ...]:
-    names = [m.source for m in models]
-    return tuple(n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names))
 
 
 def _layout(
@@ -343,13 +251,13 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
             copy_from = model_folder(recipe.copy_files_from, allow_downloads=recipe.allow_downloads)
         except MergeError as exc:
             problems.append(f"copy_files_from: {exc}")
-    base, maybe_models = _open_inputs(recipe, problems)
-    protected = _inputs_on_disk(recipe, base, maybe_models, copy_from)
+    base, maybe_models = open_inputs(recipe, problems)
+    protected = inputs_on_disk(recipe, base, maybe_models, copy_from)
     if for_output and recipe.output is not None:
         problems += output_problems(recipe.output, overwrite=recipe.overwrite, inputs=protected)
     models = [m for m in maybe_models if m is not None]
     opened = [c for c in [base, *models] if c is not None]
-    copy_from = copy_from or _side_file_folder(opened)
+    copy_from = copy_from or side_file_folder(opened)
     if for_output and copy_from is not None:
         problems += escaping_side_files(copy_from, NON_WEIGHT_FILES)
     statistics = None
@@ -366,7 +274,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
             statistics = open_statistics(recipe, method, entries, merged, problems)
             contexts = tensor_contexts(
                 [name for name, _ in entries],
-                configured_layers=sliced.num_layers or config_layers(_side_file_folder(opened)),
+                configured_layers=sliced.num_layers or config_layers(side_file_folder(opened)),
             )
             problems += lines_problems(recipe, method, contexts)
             problems += _matrix_problems(method, sliced.routes, entries, merged)
@@ -392,7 +300,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         estimator_options=options,
         base=base,
         models=models,
-        model_names=_display_names(models),
+        model_names=display_names(models),
         entries=entries,
         merged=merged,
         fill_from_base=fill,
@@ -400,7 +308,7 @@ def plan(recipe: Recipe, *, for_output: bool = True) -> Plan:
         copy_files_from=copy_from,
         protected=protected,
         statistics=statistics,
-        warnings=_repeated_inputs(recipe, base, models) + sliced.warnings,
+        warnings=repeated_inputs(recipe, base, models) + sliced.warnings,
         routes=sliced.routes,
         num_layers=sliced.num_layers or None,
         source_layers=sliced.source_layers,

@@ -25,10 +25,11 @@ from nanmerge.coefficients import cancellation_warning, identical_models, model_
 from nanmerge.config import Recipe, load_recipe
 from nanmerge.engine._chat_template import chat_template_files
 from nanmerge.engine._copied import copied_tensor_warning
+from nanmerge.engine._inputs import same_file_pairs
 from nanmerge.engine._layered import with_multipliers
 from nanmerge.engine._lines import lines_overrides
 from nanmerge.engine._memory import memory_bound
-from nanmerge.engine._plan import Plan, plan, same_file_pairs
+from nanmerge.engine._plan import Plan, plan
 from nanmerge.engine._ray import merge_on_ray, ray_session
 from nanmerge.engine._recipe import check_ray
 from nanmerge.engine._record import KeptFiles, Recorder, discarded_warning

@@ -124,17 +124,6 @@ def checked_norms(
     return st if route is None else route.per_model(st, len(plan.models))
 
 
-def chunked(plan: Plan, name: str, shape: tuple[int, ...]) -> bool:
-    """Whether output tensor `name` (of `shape`) is merged chunk by chunk: its method is
-    elementwise, or elementwise on this tensor (`MethodSpec.elementwise_on`: what the
-    subspace methods average)."""
-    spec = plan.method_of(name)
-    if spec.elementwise_on is None:
-        return spec.elementwise
-    params = {**plan.params_of(name), **plan.layered.params.get(name, {})}
-    return spec.merges_in_chunks(params, plan.contexts[name], shape)
-
-
 def merge_tensor(
     plan: Plan,
     item: Loaded,
@@ -154,7 +143,7 @@ def merge_tensor(
     assert item.models is not None
     spec, params = plan.method_of(item.name), {**plan.params_of(item.name), **inputs}
     shape, device = item.models[0].shape, item.models[0].device
-    if chunked(plan, item.name, tuple(shape)):
+    if plan.chunked(item.name, tuple(shape)):
         if spec.prepare is not None:
             params |= spec.prepare(item.models, item.base, **params)
         out = torch.empty(shape, dtype=dtype, device=device)
@@ -370,7 +359,7 @@ def merge_stream(
         inputs |= dict(overrides.get(item.name, {}))
         dtype, device = out_meta[item.name].dtype, item.models[0].device
         # with the coefficients known before the merge, the norms come from its own pass
-        fused = chunked(plan, item.name, out_meta[item.name].shape) and not per_tensor
+        fused = plan.chunked(item.name, out_meta[item.name].shape) and not per_tensor
         if not fused:
             st = norms[item.name] = checked_norms(plan, item)
             if per_tensor:
@@ -392,7 +381,7 @@ def merge_stream(
     with writer as write, closing(loaded):
         for name in names:
             spec = plan.method_of(name)
-            in_chunks = chunked(plan, name, out_meta[name].shape)
+            in_chunks = plan.chunked(name, out_meta[name].shape)
             record = None if recorder is None else recorder.start(spec, name, in_chunks)
             # no name holds the inputs: they are freed before the result waits for the writer
             write(name, merge_one(next(loaded), record))
