@@ -120,3 +120,31 @@ def test_every_method_stays_within_the_memory_cost_it_states(tmp_path: Path, met
     measured = _measure(tmp_path, recipe)
     assert total_input > 5 * measured["bound"]
     assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"conventions": "mergekit", "density": 0.4}),
+        ("breadcrumbs", {"conventions": "mergekit", "rescale": "l1"}),
+        ("ties", {"rescale": "l1"}),
+        ("dare_linear", {"rescale": "l1", "density": 0.4}),
+    ],
+)
+def test_the_bound_holds_for_preparations_over_whole_tensors_far_above_a_chunk(
+    tmp_path: Path, method: str, params: dict[str, object]
+) -> None:
+    """mergekit's sorts, L1 factors and DARE's drawn masks span the whole tensor before its
+    chunks merge; here a tensor is 16 chunks, so the bound's L terms must hold them."""
+    base, paths, _ = _family(tmp_path, 2, (4096, 2048), 3)
+    recipe = {
+        "base": base,
+        "models": paths,
+        "method": method,
+        "parameters": params,
+        "output": str(tmp_path / "merged"),
+        "seed": 0,
+    }
+    measured = _measure(tmp_path, recipe)
+    assert measured["growth"] <= measured["bound"] + 16 * 2**20, measured

@@ -14,7 +14,7 @@ import torch
 import nanmerge
 from nanmerge._types import MergeError
 from nanmerge.engine import _stream
-from nanmerge.methods import METHODS, _sparsify, tensor_generator
+from nanmerge.methods import METHODS, _bands, _sparsify, tensor_generator
 from tests.conftest import build_family
 
 SPARSIFYING = ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"]
@@ -86,6 +86,7 @@ def test_chunks_after_prepare_equal_the_whole_tensor_merge(
     name: str, params: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_sparsify, "DRAW", 50)  # random masks drawn in blocks dividing 100
+    monkeypatch.setattr(_bands, "PIECE", 200)  # DARE's L1 sums over five pieces
     spec = METHODS[name]
     gen = torch.Generator().manual_seed(0)
     base = torch.randint(-4, 5, (1000,), generator=gen).float()  # ties at the cuts
@@ -104,6 +105,28 @@ def test_chunks_after_prepare_equal_the_whole_tensor_merge(
         for i in range(0, 1000, 100)
     ]
     assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_l1_preparation_draws_at_most_one_piece_of_masks_at_a_time(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sparsify, "DRAW", 50)
+    monkeypatch.setattr(_bands, "PIECE", 200)
+    shapes: list[tuple[int, ...]] = []
+    draw = _bands.random_mask
+
+    def spy(shape: torch.Size, *args: Any) -> torch.Tensor:
+        shapes.append(tuple(shape))
+        return draw(shape, *args)
+
+    monkeypatch.setattr(_bands, "random_mask", spy)
+    base = torch.zeros(1030)
+    stack = torch.randn(3, 1030, generator=torch.Generator().manual_seed(2))
+    METHODS[name].prepare(
+        list(stack), base, density=0.3, rescale="l1", generator=tensor_generator(0, "w")
+    )
+    assert shapes == [(3, 200)] * 5 + [(3, 30)]
 
 
 @pytest.mark.parametrize(("name", "params"), [c for c in CASES if c[1]["rescale"] != "none"])

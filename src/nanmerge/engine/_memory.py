@@ -13,7 +13,7 @@ from nanmerge.methods._registry import ELEMENTWISE
 def memory_bound(p: Plan) -> dict[str, Any]:
     """Upper estimate of the merge's working set above the interpreter, stated in the report.
 
-    The method states its working set for one tensor (`MethodSpec.memory`) in units of L, the
+    The method states its working set for one tensor (`MethodSpec.memory_for`) in units of L, the
     largest tensor in float32 bytes, and C, one float32 chunk; the read buffers kept for
     reuse, `threads + 1` sets of M + 1, fit that allowance. Each loader thread may hold one
     more such working set; with threads > 0 the writer thread also holds up to two merged
@@ -21,7 +21,7 @@ def memory_bound(p: Plan) -> dict[str, Any]:
     are held on the merging thread only. The writer buffers no shard: each tensor goes to
     disk as it is merged. Measured growth: docs/PERFORMANCE.md.
     """
-    cost, m = p.method.memory, len(p.models)
+    cost, m = p.method.memory_for(p.params), len(p.models)
     if p.method.elementwise_on is not None:
         return _mixed_bound(p)
     largest_name, largest = max(p.entries, key=lambda e: e[1].numel)
@@ -48,7 +48,7 @@ def _mixed_bound(p: Plan) -> dict[str, Any]:
     """`memory_bound` for a method that is elementwise on some tensors only (`elementwise_on`):
     the larger of its own working set on the largest tensor it merges whole (L) and the
     elementwise one on the largest it merges in chunks (V)."""
-    m, whole, chunks = len(p.models), p.method.memory, ELEMENTWISE
+    m, whole, chunks = len(p.models), p.method.memory_for(p.params), ELEMENTWISE
     largest: dict[bool, tuple[str, int]] = {True: ("", 0), False: ("", 0)}
     for name, meta in p.entries:
         in_chunks = p.chunked(name, meta.shape)
@@ -77,7 +77,7 @@ def _mixed_bound(p: Plan) -> dict[str, Any]:
 
 def statistics_bound(p: Plan) -> int:
     """Bytes the method's per-tensor statistics add, for the widest one (d inputs)."""
-    s, cost = p.statistics, p.method.memory.statistics
+    s, cost = p.statistics, p.method.memory_for(p.params).statistics
     if s is None or cost is None or not s.names:
         return 0
     d = max(s.shapes[n][-1] if len(s.shapes[n]) == 2 else 1 for n in s.names)

@@ -34,7 +34,8 @@ from nanmerge.methods._sparsify import (
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
     import torch
 
-# Entries per piece of magnitudes while finding a cut: a few MiB, so its passes stay in cache.
+# Entries per piece of magnitudes while finding a cut or summing: a few MiB, so its passes
+# stay in cache; a multiple of DRAW, so pieces draw DARE's masks as the whole tensor would.
 PIECE = 1 << 19
 
 # Where a trim ranks magnitudes: within each tensor, or over each model's whole task vector.
@@ -73,8 +74,9 @@ class Explicit:
 
 
 def l1_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
-    """mergekit's RescaleNorm.l1 factor ||tau||_1 / ||masked tau||_1 (float32 sums), 1 when
-    either is below 1e-7."""
+    """mergekit's RescaleNorm.l1 factor ||tau||_1 / ||masked tau||_1, 1 when either is below
+    1e-7. The trims pass float32 sums, as mergekit's; DARE passes float64 ones, which it
+    adds up piece by piece."""
     if float(before) < L1_FLOOR or float(after) < L1_FLOOR:
         return 1.0
     return float(before / after)
@@ -253,21 +255,26 @@ def random_bands(
 ) -> dict[str, Any]:
     """DARE's preparation for a chunked merge with rescale="l1": each model's L1 factor over
     the whole tensor, carried by a band that keeps everything (the drop is drawn chunk by
-    chunk). The whole mask is drawn from a copy of the generator, so it is the one the chunks
-    draw in turn (chunks are multiples of DRAW); without a generator one is seeded from
-    torch's global generator and handed to the merge. Holds the (M, n) float32 task vectors
-    and their mask while it runs. Nothing to prepare for the other rescales.
+    chunk). The masks are drawn piece by piece (PIECE entries, a multiple of DRAW) from a
+    copy of the generator, so they are the ones the chunks draw in turn and only (M, PIECE)
+    of them exist at once; the sums are float64. Without a generator one is seeded from
+    torch's global generator and handed to the merge. Nothing to prepare for the other
+    rescales.
     """
     import torch
 
     if rescale != "l1":
         return {}
     generator = or_global(generator)
-    flat_base = base.reshape(-1).float()
-    magnitudes = torch.stack([m.reshape(-1).float() - flat_base for m in models]).abs_()
-    keep = random_mask(magnitudes.shape, density, copy.deepcopy(generator), base.device)
-    bands = [
-        Band(KEEP_ALL, scale=l1_ratio(row.sum(), (row * kept).sum()))
-        for row, kept in zip(magnitudes, keep, strict=True)
-    ]
+    draws = copy.deepcopy(generator)
+    flat_base, flats = base.reshape(-1), [m.reshape(-1) for m in models]
+    sums = torch.zeros((2, len(flats)), dtype=torch.float64, device=base.device)
+    for begin in range(0, flat_base.numel(), PIECE):
+        part_of_base = flat_base[begin : begin + PIECE].float()
+        magnitudes = torch.stack([f[begin : begin + PIECE].float() for f in flats])
+        magnitudes.sub_(part_of_base).abs_()
+        sums[0] += magnitudes.sum(dim=1, dtype=torch.float64)
+        magnitudes.mul_(random_mask(magnitudes.shape, density, draws, base.device))
+        sums[1] += magnitudes.sum(dim=1, dtype=torch.float64)
+    bands = [Band(KEEP_ALL, scale=l1_ratio(before, after)) for before, after in sums.T]
     return {"bands": bands, "generator": generator}

@@ -87,7 +87,8 @@ class MethodSpec:
     collect: Collect[Any] | Callable[[Mapping[str, Any]], Collect[Any] | None] | None = None
     # A method that declares a `record` keyword receives a `Record` for each tensor.
     uses_record: bool = False
-    memory: MemoryCost = WHOLE_STACK
+    # The working set, or a function of the parameters returning it (see `memory_for`).
+    memory: MemoryCost | Callable[[Mapping[str, Any]], MemoryCost] = WHOLE_STACK
     # Whether, with these parameters, the method divides by the sum of the coefficients
     # (w_i = coef_i / sum(coef)), where nearly cancelling coefficients blow the weights up.
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False
@@ -118,6 +119,13 @@ class MethodSpec:
             return self.collect
         return self.collect({**self.params, **params})
 
+    def memory_for(self, params: Mapping[str, Any]) -> MemoryCost:
+        """The method's working set for one tensor with these parameters (over its defaults):
+        a trim that sorts as mergekit does holds more than one finding cuts."""
+        if isinstance(self.memory, MemoryCost):
+            return self.memory
+        return self.memory({**self.params, **params})
+
 
 _METHODS: dict[str, MethodSpec] = {}
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(_METHODS)
@@ -135,7 +143,7 @@ def register(
     validate: Validator | None = None,
     validate_count: Callable[[Mapping[str, Any], int], list[str]] | None = None,
     collect: Collect[Any] | Callable[[Mapping[str, Any]], Collect[Any] | None] | None = None,
-    memory: MemoryCost | None = None,
+    memory: MemoryCost | Callable[[Mapping[str, Any]], MemoryCost] | None = None,
     averages: Callable[[Mapping[str, Any]], bool] = lambda params: False,
     takes_coefficients: bool = True,
     needs_matrices: bool = False,
@@ -150,7 +158,8 @@ def register(
     sum. `collect` declares a whole-model statistic, which the engine gathers in its one pass
     before the merge and hands over as `collected` (a function of the parameters when only
     some of them need it: see `MethodSpec.collect_for`); `memory` states the working set where
-    it differs from the engine's for chunked (elementwise) or whole-stack methods.
+    it differs from the engine's for chunked (elementwise) or whole-stack methods (likewise
+    a function of the parameters where they change it: `MethodSpec.memory_for`).
     `elementwise_on(params, context, shape)` marks the tensors on which a whole-stack method
     is elementwise: those are merged chunk by chunk (`MethodSpec.merges_in_chunks`).
     `validate_count(params, models)` ties parameters to the number of models; the recipe

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nanmerge._types import MemoryCost
 from nanmerge.methods._bands import (
     Conventions,
     ModelBand,
@@ -17,7 +18,7 @@ from nanmerge.methods._bands import (
     task_vector_bands,
 )
 from nanmerge.methods._model_trim import Selection, whole_model_cuts
-from nanmerge.methods._registry import Density, Gamma, Scale, register
+from nanmerge.methods._registry import ELEMENTWISE, Density, Gamma, Scale, register
 from nanmerge.methods._steps import (
     BREADCRUMBS,
     BREADCRUMBS_TIES,
@@ -69,11 +70,29 @@ def _trim_rules(params: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# A trim's preparation above the M + 1 tensors as read, measured on 20M-entry tensors (M = 3
+# and 6: docs/PERFORMANCE.md): mergekit's conventions sort each model's magnitudes whole and
+# keep a bool per entry and model, 6 L + M/4 L; an L1 factor under nanmerge's forms one
+# model's magnitudes, mask and masked copy, 3.3 L. Finding cuts alone fits ELEMENTWISE.
+SORTED_TRIM = MemoryCost(
+    lambda m: m + 7 + -(-m // 4), ELEMENTWISE.chunks, "(M + ceil(M / 4) + 7) * L + (6M + 4) * C"
+)
+L1_TRIM = MemoryCost(lambda m: m + 5, ELEMENTWISE.chunks, "(M + 5) * L + (6M + 4) * C")
+
+
+def _trim_memory(params: Mapping[str, Any]) -> MemoryCost:
+    """The trims' working set under these conventions and rescale."""
+    if params["conventions"] == "mergekit":
+        return SORTED_TRIM
+    return L1_TRIM if params["rescale"] == "l1" else ELEMENTWISE
+
+
 @register(
     reference="https://arxiv.org/abs/2306.01708",
     needs_base=True,
     elementwise=True,
     prepare=task_vector_bands,
+    memory=_trim_memory,
     validate=_trim_rules,
     averages=_averages,
     collect=whole_model_cuts,
@@ -239,6 +258,7 @@ def _band_fits(params: Mapping[str, Any]) -> list[str]:
     needs_base=True,
     elementwise=True,
     prepare=task_vector_bands,
+    memory=_trim_memory,
     validate=_band_fits,
     collect=whole_model_cuts,
     per_model=("density", "gamma"),
@@ -292,6 +312,7 @@ def breadcrumbs(
     needs_base=True,
     elementwise=True,
     prepare=task_vector_bands,
+    memory=_trim_memory,
     validate=_band_fits,
     averages=_averages,
     collect=whole_model_cuts,
