@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import nanmerge
+from nanmerge._linalg import thin_svd
 from nanmerge._types import MergeError, Role, TensorContext
 from nanmerge.methods import dc_merge, iso_c, iso_cts, tsv
-from nanmerge.methods._subspace import iso_cts_spaces, top_singular
+from nanmerge.methods._subspace import iso_cts_spaces, orthonormal, top_singular
 
 METHODS = {"tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts, "dc_merge": dc_merge}
 
@@ -254,3 +255,48 @@ def test_a_merge_averages_the_embedding_and_reports_the_svd_error(tmp_path: Path
     assert isinstance(report, dict)
     assert 0 < report["method_notes"][up]["svd_error"] < 1
     assert embed not in report["method_notes"]
+
+
+def test_procrustes_of_a_near_orthonormal_matrix_returns_its_nearest_orthonormal_one() -> None:
+    """float32's SVD fails to converge on this matrix with 2 threads (all singular values
+    near 1), as on an Iso-CTS basis at `1b`; the float64 retry finds the polar factor."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.linalg.qr(torch.randn(1024, 512, generator=gen)).Q
+    x = q + 1.3e-6 * torch.randn(1024, 512, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        polar = orthonormal(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert polar.dtype == torch.float32
+    torch.testing.assert_close(polar.mT @ polar, torch.eye(512), atol=2e-5, rtol=0)
+    # the nearest orthonormal matrix is no farther from x than q, itself orthonormal
+    assert torch.linalg.matrix_norm(polar - x) <= torch.linalg.matrix_norm(q - x) * 1.01
+
+
+def test_an_svd_that_fails_in_float32_is_redone_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    svd = torch.linalg.svd
+    seen: list[torch.dtype] = []
+
+    def float32_fails(matrix: torch.Tensor, **kwargs: Any) -> Any:
+        seen.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return svd(matrix, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    a = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    u, s, vh = thin_svd(a)
+    assert seen == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close((u * s) @ vh, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_an_svd_that_fails_in_both_precisions_names_the_tensor(name: str) -> None:
+    base, models, _ = _family(3, (12, 9))
+    models[1, 2, 3] = float("nan")
+    context = TensorContext("layers.3.mlp.weight", 3, 8, "other")
+    with pytest.raises(MergeError, match=r"'layers.3.mlp.weight' of shape \(12, 9\).*NaN"):
+        METHODS[name](models, torch.ones(3), base=base, context=context)

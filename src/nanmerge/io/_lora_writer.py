@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanmerge._linalg import thin_svd
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
 
 from ._lora import CONFIG_FILE, PEFT_PREFIX, WEIGHT_FILES
@@ -54,7 +55,7 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     delta = delta.to(torch.float32)
     r = min(rank, *delta.shape)
     if (r + _OVERSAMPLE) * 4 > min(delta.shape):
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = thin_svd(delta)
     else:
         u, s, vh = _randomized_svd(delta, r + _OVERSAMPLE)
     root = s[:r].sqrt()
@@ -72,7 +73,7 @@ def _randomized_svd(
     for _ in range(_POWER_ITERATIONS):  # sharpen the range towards the top singular vectors
         basis, _ = torch.linalg.qr(delta.T @ basis)
         basis, _ = torch.linalg.qr(delta @ basis)
-    u, s, vh = torch.linalg.svd(basis.T @ delta, full_matrices=False)
+    u, s, vh = thin_svd(basis.T @ delta)
     return basis @ u, s, vh
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from nanmerge._types import Record, TensorContext
+from nanmerge._linalg import thin_svd
+from nanmerge._types import MergeError, Record, TensorContext
 from nanmerge.methods._registry import Fraction, Scale, register
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: commands without math skip it
@@ -51,22 +52,22 @@ class Factors(NamedTuple):
 
 
 def exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD in float32. A matrix at least twice as wide as tall (or tall as wide) is
-    first reduced by QR to its square factor, whose SVD is much cheaper (measured on 2
-    cores, 2048 x 5632: 6 s against 11 s) and as accurate."""
+    """The thin SVD in float32 (float64 where float32 fails to converge: `thin_svd`). A
+    matrix at least twice as wide as tall (or tall as wide) is first reduced by QR to its
+    square factor, whose SVD is much cheaper (measured on 2 cores, 2048 x 5632: 6 s against
+    11 s) and as accurate."""
     import torch
 
     m, n = matrix.shape
     if n >= 2 * m:
         q, r = torch.linalg.qr(matrix.mT)  # matrix = r^T q^T
-        u, s, wh = torch.linalg.svd(r.mT, full_matrices=False)
+        u, s, wh = thin_svd(r.mT)
         return u, s, wh @ q.mT
     if m >= 2 * n:
         q, r = torch.linalg.qr(matrix)
-        u, s, vh = torch.linalg.svd(r, full_matrices=False)
+        u, s, vh = thin_svd(r)
         return q @ u, s, vh
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u, s, vh
+    return thin_svd(matrix)
 
 
 def _randomized_svd(matrix: torch.Tensor, rank: int) -> Factors:
@@ -157,7 +158,15 @@ def subspace_merge(
     task_vectors.mul_(coef.reshape((-1,) + (1,) * (task_vectors.dim() - 1)))
     vocab = context is not None and context.role in VOCAB_ROLES and not include_vocab
     if task_vectors.dim() == 3 and not vocab and min(task_vectors.shape[1:]) >= min_side:
-        merged, error = merge_matrix(task_vectors)
+        try:
+            merged, error = merge_matrix(task_vectors)
+        except torch.linalg.LinAlgError as e:  # type: ignore[attr-defined]  # (not in stubs)
+            where = f"tensor '{context.name}'" if context is not None else "a tensor"
+            raise MergeError(
+                f"the SVD of {where} of shape {tuple(task_vectors.shape[1:])} did not "
+                f"converge in float32 nor in float64 ({e}); check that tensor's inputs "
+                "for NaN or inf entries"
+            ) from e
         if record is not None and error is not None:
             record.note("svd_error", error)
     else:
