@@ -8,9 +8,13 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
     import torch
 
 
+class NotConverged(Exception):
+    """The SVD did not converge in float32 nor in float64."""
+
+
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.linalg.svd(matrix, full_matrices=False), redone in float64 where it fails to
-    converge; the factors come back in the input's dtype.
+    converge; the factors come back in the input's dtype. NotConverged if both fail.
 
     float32's divide-and-conquer SVD (MKL's sgesdd) fails on some matrices whose singular
     values are all nearly equal, such as the near-orthonormal ones every Procrustes step
@@ -20,10 +24,15 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """
     import torch
 
+    # torch.linalg.LinAlgError, a RuntimeError, is caught as such: not every torch stub
+    # exports it
     try:
         return torch.linalg.svd(matrix, full_matrices=False)
-    except torch.linalg.LinAlgError:  # type: ignore[attr-defined]  # public, not in stubs
+    except RuntimeError as error:
         if matrix.dtype == torch.float64:
-            raise
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+            raise NotConverged(str(error)) from error
+    try:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    except RuntimeError as error:
+        raise NotConverged(str(error)) from error
     return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from nanmerge._linalg import thin_svd
+from nanmerge._linalg import NotConverged, thin_svd
 from nanmerge._types import MergeError, Record, TensorContext
 from nanmerge.methods._registry import Fraction, Scale, register
 
@@ -160,7 +160,7 @@ def subspace_merge(
     if task_vectors.dim() == 3 and not vocab and min(task_vectors.shape[1:]) >= min_side:
         try:
             merged, error = merge_matrix(task_vectors)
-        except torch.linalg.LinAlgError as e:  # type: ignore[attr-defined]  # (not in stubs)
+        except NotConverged as e:
             where = f"tensor '{context.name}'" if context is not None else "a tensor"
             raise MergeError(
                 f"the SVD of {where} of shape {tuple(task_vectors.shape[1:])} did not "
