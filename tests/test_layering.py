@@ -17,11 +17,13 @@ ALLOWED = {
     # Parameters checked from signatures (pydantic, loaded on first check) and the one
     # "did you mean": shared by methods, estimators and the recipe model.
     "_params": set(),
+    # The SVD with its float64 retry: shared by the subspace methods and the LoRA writer.
+    "_linalg": set(),
     "_schedule": {"_types"},
     "_yaml": {"_types"},
-    "methods": {"_types", "_params", "methods"},
+    "methods": {"_types", "_params", "_linalg", "methods"},
     "coefficients": {"_types", "_params", "coefficients"},
-    "io": {"_types", "io"},
+    "io": {"_types", "_linalg", "io"},
     "engine": {
         "_types",
         "_version",
