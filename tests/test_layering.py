@@ -17,7 +17,7 @@ ALLOWED = {
     # Parameters checked from signatures (pydantic, loaded on first check) and the one
     # "did you mean": shared by methods, estimators and the recipe model.
     "_params": set(),
-    # The SVD with its float64 retry: shared by the subspace methods and the LoRA writer.
+    # The SVDs (exact with a float64 retry, and randomized): the subspace methods and LoRA writer.
     "_linalg": set(),
     "_schedule": {"_types"},
     "_yaml": {"_types"},

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanmerge._linalg import thin_svd
+from nanmerge._linalg import OVERSAMPLE, randomized_svd, thin_svd
 from nanmerge._types import Checkpoint, MergeError, TensorMeta
 
 from ._lora import CONFIG_FILE, PEFT_PREFIX, WEIGHT_FILES
@@ -29,10 +29,6 @@ _MODEL_ONLY = ("config.json", "generation_config.json")
 # How Hugging Face models name embedding layers, whose LoRA factors PEFT stores transposed.
 _EMBEDDING_ENDINGS = ("embeddings", "embedding", "embed_tokens", "embed_positions")
 _EMBEDDING_NAMES = ("wte", "wpe", "shared")
-
-
-_OVERSAMPLE = 10
-_POWER_ITERATIONS = 4
 
 
 def _is_embedding(module: str) -> bool:
@@ -54,27 +50,12 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
     delta = delta.to(torch.float32)
     r = min(rank, *delta.shape)
-    if (r + _OVERSAMPLE) * 4 > min(delta.shape):
+    if (r + OVERSAMPLE) * 4 > min(delta.shape):
         u, s, vh = thin_svd(delta)
     else:
-        u, s, vh = _randomized_svd(delta, r + _OVERSAMPLE)
+        u, s, vh = randomized_svd(delta, r)
     root = s[:r].sqrt()
     return u[:, :r] * root, root[:, None] * vh[:r]
-
-
-def _randomized_svd(
-    delta: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(delta.shape[1], width, generator=generator)
-    basis, _ = torch.linalg.qr(delta @ probe)
-    for _ in range(_POWER_ITERATIONS):  # sharpen the range towards the top singular vectors
-        basis, _ = torch.linalg.qr(delta.T @ basis)
-        basis, _ = torch.linalg.qr(delta @ basis)
-    u, s, vh = thin_svd(basis.T @ delta)
-    return basis @ u, s, vh
 
 
 class LoraWriter(ModelWriter):

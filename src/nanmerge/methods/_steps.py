@@ -122,17 +122,17 @@ def drop(
     import torch
 
     flat = task_vectors.view(task_vectors.shape[0], -1)
-    l1_whole = rescale == "l1" and bands is None
-    before = [row.abs().sum(dtype=torch.float64) for row in flat] if l1_whole else []
+
+    def l1_norms() -> list[torch.Tensor]:  # float64 sums, one model's |tau| at a time
+        return [row.abs().sum(dtype=torch.float64) for row in flat]
+
+    before = l1_norms() if rescale == "l1" and bands is None else []
     task_vectors.mul_(random_mask(task_vectors.shape, density, generator, task_vectors.device))
     if rescale == "none":
         return coef
     if rescale == "l1":
         if bands is None:
-            scales = [
-                l1_ratio(b, row.abs().sum(dtype=torch.float64))
-                for b, row in zip(before, flat, strict=True)
-            ]
+            scales = [l1_ratio(b, a) for b, a in zip(before, l1_norms(), strict=True)]
         else:
             scales = [band.scale for band in bands]
         return coef * torch.tensor(scales, dtype=coef.dtype, device=coef.device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from nanmerge._linalg import NotConverged, thin_svd
+from nanmerge._linalg import OVERSAMPLE, NotConverged, exact_svd, randomized_svd
 from nanmerge._types import MergeError, Record, TensorContext
 from nanmerge.methods._registry import Fraction, Scale, register
 
@@ -29,11 +29,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: commands without 
 # "auto": a randomized SVD when the kept rank is below a quarter of the matrix's smaller side
 # (and the sketch with its oversampling is still smaller than that side), else exact.
 SvdMode = Literal["auto", "exact"]
-# Randomized SVD (Halko, Martinsson, Tropp 2011): sketch columns beyond the rank, and power
-# iterations; measured on a 2048 x 5632 matrix with a 1/sqrt(i) spectrum, rank 256: 0.8 s
-# against 10 s exact, residual 0.505 against the optimal 0.503.
-OVERSAMPLE = 10
-POWER_ITERATIONS = 4
 VOCAB_ROLES = ("embedding", "head")
 # merge_matrix(task_vectors (M, m, n)) -> (the merged update (m, n), the largest relative
 # error of the approximate SVDs it used, or None when all were exact)
@@ -51,43 +46,11 @@ class Factors(NamedTuple):
     error: float | None = None
 
 
-def exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD in float32 (float64 where float32 fails to converge: `thin_svd`). A
-    matrix at least twice as wide as tall (or tall as wide) is first reduced by QR to its
-    square factor, whose SVD is much cheaper (measured on 2 cores, 2048 x 5632: 6 s against
-    11 s) and as accurate."""
-    import torch
-
-    m, n = matrix.shape
-    if n >= 2 * m:
-        q, r = torch.linalg.qr(matrix.mT)  # matrix = r^T q^T
-        u, s, wh = thin_svd(r.mT)
-        return u, s, wh @ q.mT
-    if m >= 2 * n:
-        q, r = torch.linalg.qr(matrix)
-        u, s, vh = thin_svd(r)
-        return q @ u, s, vh
-    return thin_svd(matrix)
-
-
 def _randomized_svd(matrix: torch.Tensor, rank: int) -> Factors:
-    """The top `rank` singular triplets from a Gaussian sketch with power iterations.
-
-    The sketch comes from a generator seeded with 0 on each call (torch.svd_lowrank draws
-    from the global generator instead), so a tensor's result does not depend on the order
-    of tensors or of models.
-    """
+    """`randomized_svd`'s top `rank` triplets with their relative Frobenius error."""
     import torch
 
-    generator = torch.Generator(device=matrix.device).manual_seed(0)
-    sketch = torch.randn(
-        matrix.shape[1], rank + OVERSAMPLE, generator=generator, device=matrix.device
-    )
-    basis = torch.linalg.qr(matrix @ sketch).Q
-    for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.mT @ basis).Q).Q
-    small_u, s, vh = exact_svd(basis.mT @ matrix)
-    u, s, vh = basis @ small_u[:, :rank], s[:rank], vh[:rank]
+    u, s, vh = randomized_svd(matrix, rank)
     norm = float(torch.linalg.matrix_norm(matrix))
     residual = float(torch.linalg.matrix_norm(torch.addmm(matrix, u * s, vh, alpha=-1)))
     return Factors(u, s, vh, residual / norm if norm > 0 else 0.0)
